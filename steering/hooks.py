@@ -1,0 +1,164 @@
+"""Steering hooks: installed once on every decoder layer at load; each forward reads its batch's steering.
+
+The engine builds a :class:`SteeringBatch` for the rows of a forward pass (one list of resolved
+applications per row, empty for an unsteered row), sets it with :meth:`SteeringHooks.active` for the
+duration of that forward, and the hooks clear it in ``finally``. No hook is registered per request.
+
+Per forward the batch turns into, for each layer, a matrix of the vectors acting there ([V, hidden]) and,
+per token, a gate matrix ([B, T, V]) holding each application's scale where it is active and 0 elsewhere,
+so steering a whole mixed batch costs one small matmul per steered layer. Rows and tokens with no active
+application are left bit-for-bit unchanged.
+"""
+
+from __future__ import annotations
+
+import contextlib
+from collections.abc import Iterator, Sequence
+from dataclasses import dataclass
+
+import torch
+from torch import nn
+
+from steering.spec import ResolvedApplication
+
+_EPS = 1e-6
+
+
+@dataclass
+class _LayerTable:
+    norm_vectors: torch.Tensor | None  # [Vn, d]
+    norm_present: torch.Tensor | None  # [Vn] 1.0 where the application acts at this layer
+    raw_vectors: torch.Tensor | None  # [Vr, d]
+
+
+class SteeringBatch:
+    """The steering of one batch composition: per-layer vector tables and per-application position rules."""
+
+    def __init__(
+        self, rows: Sequence[Sequence[ResolvedApplication]], hidden_size: int, device: torch.device,
+        dtype: torch.dtype,
+    ) -> None:
+        self.num_rows = len(rows)
+        self.device = device
+        self.dtype = dtype
+        norm_apps: list[tuple[int, ResolvedApplication]] = []
+        raw_apps: list[tuple[int, ResolvedApplication]] = []
+        for r, apps in enumerate(rows):
+            for app in apps:
+                (norm_apps if app.normalize else raw_apps).append((r, app))
+        self._norm_apps = norm_apps
+        self._raw_apps = raw_apps
+        self.empty = not norm_apps and not raw_apps
+        layers = sorted({layer for _, a in norm_apps + raw_apps for layer in a.values})
+        zero = torch.zeros(hidden_size, device=device, dtype=dtype)
+        self.tables: dict[int, _LayerTable] = {}
+        for layer in layers:
+            nv = np_ = rv = None
+            if norm_apps:
+                nv = torch.stack([a.values.get(layer, zero) for _, a in norm_apps])
+                np_ = torch.tensor([1.0 if layer in a.values else 0.0 for _, a in norm_apps], device=device,
+                                   dtype=dtype)
+            if raw_apps and any(layer in a.values for _, a in raw_apps):
+                rv = torch.stack([a.values.get(layer, zero) for _, a in raw_apps])
+            self.tables[layer] = _LayerTable(nv, np_, rv)
+        # Per-application rules, vectorised: the row, the scale, and the position kind.
+        self._norm_rule = self._rules(norm_apps)
+        self._raw_rule = self._rules(raw_apps)
+        # True when gates depend only on the phase (prompt/generated), not on explicit positions.
+        self.position_free = all(
+            isinstance(a.positions, str) for _, a in norm_apps + raw_apps
+        )
+
+    def _rules(self, apps: list[tuple[int, ResolvedApplication]]):
+        if not apps:
+            return None
+        dev = self.device
+        rows = torch.tensor([r for r, _ in apps], device=dev)
+        scales = torch.tensor([a.scale for _, a in apps], device=dev, dtype=self.dtype)
+        kind = torch.tensor([{"all": 0, "prompt": 1, "generated": 2}.get(a.positions, 3)
+                             if isinstance(a.positions, str) else 3 for _, a in apps], device=dev)
+        explicit = [(i, torch.tensor(a.positions, device=dev)) for i, (_, a) in enumerate(apps)
+                    if not isinstance(a.positions, str)]
+        return rows, scales, kind, explicit
+
+    def _gates(self, rule, positions: torch.Tensor, prompt_lens: torch.Tensor) -> torch.Tensor | None:
+        if rule is None:
+            return None
+        rows, scales, kind, explicit = rule
+        B, T = positions.shape
+        V = rows.shape[0]
+        pos = positions[rows]  # [V, T] positions of each application's row
+        plen = prompt_lens[rows].unsqueeze(1)  # [V, 1]
+        active = torch.where(
+            kind.unsqueeze(1) == 0, torch.ones_like(pos, dtype=torch.bool),
+            torch.where(kind.unsqueeze(1) == 1, pos < plen, pos >= plen),
+        )
+        for i, allowed in explicit:
+            active[i] = torch.isin(pos[i], allowed)
+        gate_vt = active.to(self.dtype) * scales.unsqueeze(1)  # [V, T]
+        gates = torch.zeros(B, T, V, device=self.device, dtype=self.dtype)
+        gates[rows, :, torch.arange(V, device=self.device)] = gate_vt
+        return gates
+
+    def gates(self, positions: torch.Tensor, prompt_lens: torch.Tensor) -> "StepSteering":
+        """Gates for one forward: ``positions`` [B, T] absolute positions, ``prompt_lens`` [B]."""
+        return StepSteering(self, self._gates(self._norm_rule, positions, prompt_lens),
+                            self._gates(self._raw_rule, positions, prompt_lens))
+
+
+class StepSteering:
+    """What the hooks apply during one forward pass."""
+
+    def __init__(self, batch: SteeringBatch, norm_gates: torch.Tensor | None, raw_gates: torch.Tensor | None):
+        self.batch = batch
+        self.norm_gates = norm_gates  # [B, T, Vn]
+        self.raw_gates = raw_gates  # [B, T, Vr]
+        self._norm_mask_cache: dict[int, torch.Tensor] = {}
+
+    def apply(self, layer: int, h: torch.Tensor) -> torch.Tensor:
+        table = self.batch.tables.get(layer)
+        if table is None:
+            return h
+        if table.norm_vectors is not None:
+            delta = torch.matmul(self.norm_gates, table.norm_vectors)  # [B, T, d]
+            steered = h + delta
+            ratio = h.norm(dim=-1, keepdim=True) / steered.norm(dim=-1, keepdim=True).clamp_min(_EPS)
+            mask = (self.norm_gates.abs() @ table.norm_present.unsqueeze(-1)) > 0  # [B, T, 1]
+            h = torch.where(mask, steered * ratio, h)
+        if table.raw_vectors is not None:
+            h = h + torch.matmul(self.raw_gates, table.raw_vectors)
+        return h
+
+
+class SteeringHooks:
+    """Forward hooks on every decoder layer, installed once; they act only while a step is active."""
+
+    def __init__(self, layers: nn.ModuleList) -> None:
+        self._step: StepSteering | None = None
+        self._handles = [layer.register_forward_hook(self._make_hook(i)) for i, layer in enumerate(layers)]
+
+    def _make_hook(self, index: int):
+        def hook(module: nn.Module, args, output):
+            step = self._step
+            if step is None or index not in step.batch.tables:
+                return None
+            if isinstance(output, tuple):
+                return (step.apply(index, output[0]),) + tuple(output[1:])
+            return step.apply(index, output)
+
+        return hook
+
+    @contextlib.contextmanager
+    def active(self, step: StepSteering | None) -> Iterator[None]:
+        """Apply ``step`` during the enclosed forward pass; always cleared afterwards."""
+        self._step = step if step is not None and not step.batch.empty else None
+        try:
+            yield
+        finally:
+            self._step = None
+
+    def remove(self) -> None:
+        for h in self._handles:
+            h.remove()
+        self._handles.clear()
+        self._step = None

@@ -1,0 +1,84 @@
+"""Model loading and decoder-layer discovery across architectures; the CLI end to end."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from torch import nn
+from tiny import build_model
+from typer.testing import CliRunner
+
+from steering.cli import app
+from steering.engine import Engine
+from steering.errors import ModelLoadError
+from steering.layers import find_decoder_layers
+from steering.loading import load_model, resolve_dtype, resolve_device
+from steering.sampling import SamplingParams
+from steering.spec import SteeringSpec
+from steering.vectors import SteeringVector
+
+
+@pytest.mark.parametrize("arch,layers_attr", [("llama", "model.layers"), ("qwen2", "model.layers"),
+                                              ("gpt2", "transformer.h")])
+def test_architectures_load_find_layers_and_steer(tmp_path, arch, layers_attr):
+    lm = load_model(str(build_model(tmp_path / arch, arch, layers=3)), device="cpu", dtype="float32")
+    obj = lm.model
+    for part in layers_attr.split("."):
+        obj = getattr(obj, part)
+    assert lm.layers is obj and lm.num_layers == 3 and lm.hidden_size == 64
+    ids = lm.tokenizer("The quick brown fox")["input_ids"]
+    with Engine(lm).start() as engine:
+        sp = SamplingParams(max_tokens=12, temperature=0, ignore_eos=True)
+        ref = lm.model.generate(torch.tensor([ids]), max_new_tokens=12, min_new_tokens=12, do_sample=False,
+                                pad_token_id=lm.tokenizer.pad_token_id)[0, len(ids):].tolist()
+        plain = engine.generate(ids, sp)
+        assert plain.token_ids == ref
+        vec = SteeringVector({i: torch.randn(64, generator=torch.Generator().manual_seed(i)) for i in range(3)})
+        steered = engine.generate(ids, sp, SteeringSpec.single(vec, scale=20.0))
+        assert steered.token_ids != plain.token_ids
+
+
+def test_layers_not_found_is_a_clear_error():
+    class Odd(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.blocks = nn.ModuleList([nn.Linear(2, 2), nn.ReLU()])
+
+    with pytest.raises(ModelLoadError, match="cannot find the decoder layers of Odd"):
+        find_decoder_layers(Odd())
+
+
+def test_missing_model_and_bad_settings():
+    with pytest.raises(ModelLoadError, match="not found"):
+        load_model("/nonexistent/model")
+    with pytest.raises(ModelLoadError, match="unknown dtype"):
+        resolve_dtype("float8", torch.device("cpu"))
+    assert resolve_dtype("auto", torch.device("cpu")) == torch.float32
+    if not torch.cuda.is_available():
+        with pytest.raises(ModelLoadError, match="CUDA is not available"):
+            resolve_device("cuda")
+
+
+def test_vector_roundtrip_is_atomic(tmp_path):
+    vec = SteeringVector({0: torch.randn(8), 3: torch.randn(8)}, name="v", metadata={"method": "test"})
+    path = tmp_path / "v.safetensors"
+    vec.save(path)
+    back = SteeringVector.load(path)
+    assert back.name == "v" and back.metadata == {"method": "test"} and back.layers == [0, 3]
+    torch.testing.assert_close(back.values[3], vec.values[3])
+    assert [p.name for p in tmp_path.iterdir()] == ["v.safetensors"]  # no temporary files left
+
+
+def test_cli_generate_with_vector(tiny_dir, tmp_path):
+    vec = SteeringVector({i: torch.randn(64, generator=torch.Generator().manual_seed(i)) for i in range(4)})
+    vec.save(tmp_path / "v.safetensors")
+    runner = CliRunner()
+    args = ["generate", "--model", str(tiny_dir), "--prompt", "Hello", "--max-tokens", "8", "--device", "cpu"]
+    plain = runner.invoke(app, args)
+    assert plain.exit_code == 0, plain.output
+    steered = runner.invoke(app, args + ["--vector", str(tmp_path / "v.safetensors"), "--scale", "30",
+                                         "--layers", "0-3", "--compare"])
+    assert steered.exit_code == 0, steered.output
+    assert "unsteered" in steered.output and "steered" in steered.output
+    bad = runner.invoke(app, args + ["--vector", str(tmp_path / "v.safetensors"), "--layers", "9"])
+    assert bad.exit_code == 2 and "does not exist" in bad.output

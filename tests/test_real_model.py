@@ -1,0 +1,60 @@
+"""The embedded default model, SmolLM2-135M-Instruct (marked real_model; run in CI)."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+
+import pytest
+import torch
+
+from steering.engine import Engine, GenerationRequest
+from steering.loading import _COMPLETE_MARKER, default_gguf_path
+from steering.prompts import encode_chat
+from steering.sampling import SamplingParams
+from steering.spec import SteeringSpec
+from steering.vectors import SteeringVector
+
+pytestmark = pytest.mark.real_model
+
+
+def test_default_model_identity(real_lm):
+    assert real_lm.name == "SmolLM2-135M-Instruct"
+    assert real_lm.num_layers == 30 and real_lm.hidden_size == 576
+    assert type(real_lm.model).__name__ == "LlamaForCausalLM"
+    text = real_lm.tokenizer.apply_chat_template([{"role": "user", "content": "hi"}], tokenize=False,
+                                                 add_generation_prompt=True)
+    assert "<|im_start|>user\nhi<|im_end|>" in text and text.endswith("<|im_start|>assistant\n")
+
+
+def test_chat_answer_and_steering_changes_it(real_lm):
+    ids = encode_chat(real_lm.tokenizer, [{"role": "user", "content": "What is the capital of France?"}])
+    sp = SamplingParams(max_tokens=24, temperature=0)
+    with Engine(real_lm).start() as engine:
+        plain = engine.generate(ids, sp)
+        assert "Paris" in plain.text and plain.finish_reason == "stop"
+        g = torch.Generator().manual_seed(0)
+        vec = SteeringVector({l: torch.randn(576, generator=g) for l in range(8, 16)})
+        steered = engine.generate(ids, sp, SteeringSpec.single(vec, scale=40.0, normalize=True))
+        assert steered.token_ids != plain.token_ids
+        # the unsteered request inside a batch of steered ones is unchanged
+        handles = [engine.submit(GenerationRequest(ids, sp, SteeringSpec.single(vec, scale=40.0 + i)))
+                   for i in range(3)]
+        handles.append(engine.submit(GenerationRequest(ids, sp)))
+        results = [h.result() for h in handles]
+        assert results[-1].token_ids == plain.token_ids
+
+
+def test_concurrent_conversion_into_fresh_cache(tmp_path):
+    """Two processes converting the GGUF at once into the same cache both succeed; one copy remains."""
+    code = ("import sys; from pathlib import Path; from steering.loading import convert_gguf, default_gguf_path;"
+            "print(convert_gguf(default_gguf_path(), Path(sys.argv[1])))")
+    procs = [subprocess.Popen([sys.executable, "-c", code, str(tmp_path)], stdout=subprocess.PIPE,
+                              stderr=subprocess.DEVNULL, text=True) for _ in range(2)]
+    outs = [p.communicate(timeout=300)[0].strip() for p in procs]
+    assert all(p.returncode == 0 for p in procs)
+    assert outs[0] == outs[1]
+    models = list((tmp_path / "models").iterdir())
+    assert len(models) == 1 and (models[0] / _COMPLETE_MARKER).exists()
+    assert (models[0] / "model.safetensors").stat().st_size > 100_000_000
+    assert default_gguf_path().suffix == ".gguf"

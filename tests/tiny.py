@@ -1,0 +1,71 @@
+"""Tiny random models and a locally trained tokenizer, saved as real Hugging Face directories."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import torch
+
+CHAT_TEMPLATE = (
+    "{% for m in messages %}<|im_start|>{{ m['role'] }}\n{{ m['content'] }}<|im_end|>\n{% endfor %}"
+    "{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}"
+)
+
+CORPUS = [
+    "The quick brown fox jumps over the lazy dog.",
+    "Steering vectors change what a language model says without fine-tuning.",
+    "Integrated gradients attribute a prediction to the input tokens.",
+    "What is the capital of France? The capital of France is Paris.",
+    "Paris, Berlin, Rome and Madrid are European capitals.",
+    "Numbers: 0 1 2 3 4 5 6 7 8 9 10 11 12 13 14 15 16 17 18 19 20.",
+    "I love this movie, it is wonderful and happy. I hate this film, it is awful and sad.",
+    "Q: Can you see the Great Wall of China from space? A: No, it is too narrow.",
+    "Hello world! How are you today? I am fine, thank you. Ünïcödé café naïve 東京 😀",
+] * 8
+
+
+def build_tokenizer(path: Path):
+    """A byte-level BPE tokenizer trained here, with special tokens and a chat template."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+    from transformers import PreTrainedTokenizerFast
+
+    tk = Tokenizer(models.BPE())
+    tk.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tk.decoder = decoders.ByteLevel()
+    specials = ["<|endoftext|>", "<|im_start|>", "<|im_end|>", "<pad>"]
+    trainer = trainers.BpeTrainer(vocab_size=400, special_tokens=specials,
+                                  initial_alphabet=pre_tokenizers.ByteLevel.alphabet(), show_progress=False)
+    tk.train_from_iterator(CORPUS, trainer)
+    fast = PreTrainedTokenizerFast(tokenizer_object=tk, bos_token="<|endoftext|>", eos_token="<|im_end|>",
+                                   pad_token="<pad>", unk_token="<|endoftext|>")
+    fast.chat_template = CHAT_TEMPLATE
+    fast.save_pretrained(path)
+    return fast
+
+
+def build_model(path: Path, arch: str = "llama", seed: int = 0, layers: int = 4, hidden: int = 64) -> Path:
+    """Save a random model of ``arch`` with the tiny tokenizer into ``path``; return ``path``."""
+    from transformers import AutoModelForCausalLM, GPT2Config, LlamaConfig, Qwen2Config
+
+    path.mkdir(parents=True, exist_ok=True)
+    tok = build_tokenizer(path)
+    vocab = len(tok)
+    common = dict(vocab_size=vocab, bos_token_id=tok.bos_token_id, eos_token_id=tok.eos_token_id,
+                  pad_token_id=tok.pad_token_id)
+    if arch == "llama":
+        cfg = LlamaConfig(hidden_size=hidden, intermediate_size=hidden * 2, num_hidden_layers=layers,
+                          num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=512,
+                          initializer_range=0.2, tie_word_embeddings=False, **common)
+    elif arch == "qwen2":
+        cfg = Qwen2Config(hidden_size=hidden, intermediate_size=hidden * 2, num_hidden_layers=layers,
+                          num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=512,
+                          initializer_range=0.2, tie_word_embeddings=True, **common)
+    elif arch == "gpt2":
+        cfg = GPT2Config(n_embd=hidden, n_layer=layers, n_head=4, n_positions=512, initializer_range=0.2,
+                         **common)
+    else:
+        raise ValueError(arch)
+    torch.manual_seed(seed)
+    model = AutoModelForCausalLM.from_config(cfg)
+    model.save_pretrained(path)
+    return path
