@@ -96,6 +96,7 @@ class RequestOutput:
     stop_reason: str | int | None = None  # the stop string or stop token id that ended it
     error: Exception | None = None
     metrics: RequestMetrics | None = None
+    time: float = 0.0  # time.monotonic() when the engine produced it
 
 
 @dataclass
@@ -577,7 +578,7 @@ class Engine:
             request_id=seq.req.request_id, token_ids=[tok], text=seq.detok.take(final=finished),
             logprobs=[lp] if lp is not None else [], num_prompt_tokens=seq.prompt_len,
             num_generated_tokens=n_gen, finished=finished, finish_reason=seq.finish_reason,
-            stop_reason=seq.stop_reason,
+            stop_reason=seq.stop_reason, time=now,
         )
         if finished:
             seq.metrics.finished_time = now
@@ -591,7 +592,7 @@ class Engine:
         seq.handle._push(RequestOutput(
             request_id=seq.req.request_id, token_ids=[], text=seq.detok.take(final=True), logprobs=[],
             num_prompt_tokens=seq.prompt_len, num_generated_tokens=len(seq.generated), finished=True,
-            finish_reason=reason, error=error, metrics=seq.metrics,
+            finish_reason=reason, error=error, metrics=seq.metrics, time=seq.metrics.finished_time,
         ))
 
 

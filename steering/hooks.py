@@ -6,8 +6,9 @@ duration of that forward, and the hooks clear it in ``finally``. No hook is regi
 
 Per forward the batch turns into, for each layer, a matrix of the vectors acting there ([V, hidden]) and,
 per token, a gate matrix ([B, T, V]) holding each application's scale where it is active and 0 elsewhere,
-so steering a whole mixed batch costs one small matmul per steered layer. Rows and tokens with no active
-application are left bit-for-bit unchanged.
+so steering a whole mixed batch costs a few elementwise ops per steered layer (the per-layer deltas, one small
+matmul, are cached while the batch is unchanged). Rows and tokens with no active application are left
+bit-for-bit unchanged.
 """
 
 from __future__ import annotations
@@ -21,13 +22,9 @@ from torch import nn
 
 from steering.spec import ResolvedApplication
 
-_EPS = 1e-6
-
-
 @dataclass
 class _LayerTable:
     norm_vectors: torch.Tensor | None  # [Vn, d]
-    norm_present: torch.Tensor | None  # [Vn] 1.0 where the application acts at this layer
     raw_vectors: torch.Tensor | None  # [Vr, d]
 
 
@@ -53,14 +50,12 @@ class SteeringBatch:
         zero = torch.zeros(hidden_size, device=device, dtype=dtype)
         self.tables: dict[int, _LayerTable] = {}
         for layer in layers:
-            nv = np_ = rv = None
-            if norm_apps:
+            nv = rv = None
+            if norm_apps and any(layer in a.values for _, a in norm_apps):
                 nv = torch.stack([a.values.get(layer, zero) for _, a in norm_apps])
-                np_ = torch.tensor([1.0 if layer in a.values else 0.0 for _, a in norm_apps], device=device,
-                                   dtype=dtype)
             if raw_apps and any(layer in a.values for _, a in raw_apps):
                 rv = torch.stack([a.values.get(layer, zero) for _, a in raw_apps])
-            self.tables[layer] = _LayerTable(nv, np_, rv)
+            self.tables[layer] = _LayerTable(nv, rv)
         # Per-application rules, vectorised: the row, the scale, and the position kind.
         self._norm_rule = self._rules(norm_apps)
         self._raw_rule = self._rules(raw_apps)
@@ -107,26 +102,38 @@ class SteeringBatch:
 
 
 class StepSteering:
-    """What the hooks apply during one forward pass."""
+    """What the hooks apply during one forward pass (reused across decode steps while the batch is unchanged)."""
 
     def __init__(self, batch: SteeringBatch, norm_gates: torch.Tensor | None, raw_gates: torch.Tensor | None):
         self.batch = batch
         self.norm_gates = norm_gates  # [B, T, Vn]
         self.raw_gates = raw_gates  # [B, T, Vr]
-        self._norm_mask_cache: dict[int, torch.Tensor] = {}
+        self._deltas: dict[int, tuple[torch.Tensor | None, torch.Tensor | None]] = {}
+
+    def _layer_deltas(self, layer: int, table: _LayerTable):
+        cached = self._deltas.get(layer)
+        if cached is None:
+            norm = torch.matmul(self.norm_gates, table.norm_vectors) if table.norm_vectors is not None else None
+            raw = torch.matmul(self.raw_gates, table.raw_vectors) if table.raw_vectors is not None else None
+            cached = self._deltas[layer] = (norm, raw)  # [B, T, d] each
+        return cached
 
     def apply(self, layer: int, h: torch.Tensor) -> torch.Tensor:
+        """h' = (h + N) ||h|| / ||h + N|| + R per token. A token with nothing to add keeps its exact bits:
+        its delta is 0 and both norms are computed identically, so its ratio is exactly 1."""
         table = self.batch.tables.get(layer)
         if table is None:
             return h
-        if table.norm_vectors is not None:
-            delta = torch.matmul(self.norm_gates, table.norm_vectors)  # [B, T, d]
-            steered = h + delta
-            ratio = h.norm(dim=-1, keepdim=True) / steered.norm(dim=-1, keepdim=True).clamp_min(_EPS)
-            mask = (self.norm_gates.abs() @ table.norm_present.unsqueeze(-1)) > 0  # [B, T, 1]
-            h = torch.where(mask, steered * ratio, h)
-        if table.raw_vectors is not None:
-            h = h + torch.matmul(self.raw_gates, table.raw_vectors)
+        norm_delta, raw_delta = self._layer_deltas(layer, table)
+        inplace = not torch.is_grad_enabled()  # inference: rewrite the layer output in place
+        if norm_delta is not None:
+            before = torch.linalg.vector_norm(h, dim=-1, keepdim=True)
+            h = h.add_(norm_delta) if inplace else h + norm_delta
+            after = torch.linalg.vector_norm(h, dim=-1, keepdim=True).clamp_min_(torch.finfo(h.dtype).tiny)
+            ratio = before.div_(after)
+            h = h.mul_(ratio) if inplace else h * ratio
+        if raw_delta is not None:
+            h = h.add_(raw_delta) if inplace else h + raw_delta
         return h
 
 

@@ -79,9 +79,12 @@ def resolve_dtype(dtype: str, device: torch.device) -> torch.dtype:
     return _DTYPES[dtype]
 
 
+_CONVERSION_FORMAT = 2  # bump when the converted layout changes, so stale caches are rebuilt
+
+
 def _gguf_cache_key(path: Path) -> str:
     st = path.stat()
-    digest = hashlib.sha256(f"{path.name}:{st.st_size}".encode()).hexdigest()[:12]
+    digest = hashlib.sha256(f"{path.name}:{st.st_size}:{_CONVERSION_FORMAT}".encode()).hexdigest()[:12]
     return f"{path.stem}-{digest}"
 
 
@@ -91,7 +94,7 @@ def convert_gguf(gguf_path: Path, cache_dir: Path | None = None) -> Path:
     Safe against concurrent processes: each writes its own temporary directory and renames it into place;
     the loser of the race discards its copy.
     """
-    from safetensors.torch import save_model
+    from safetensors.torch import save_file
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     cache_dir = Path(cache_dir) if cache_dir else default_cache_dir()
@@ -107,7 +110,15 @@ def convert_gguf(gguf_path: Path, cache_dir: Path | None = None) -> Path:
         )
         tokenizer = AutoTokenizer.from_pretrained(str(gguf_path.parent), gguf_file=gguf_path.name)
         tmp.mkdir()
-        save_model(model, str(tmp / "model.safetensors"))  # handles tied embeddings
+        # A plain HF checkpoint (loadable by transformers and vLLM alike): tied lm_head left out, and the
+        # weights are already dequantised, so the GGUF quantization_config is dropped.
+        state = model.state_dict()
+        if getattr(model.config, "tie_word_embeddings", False):
+            state.pop("lm_head.weight", None)
+        save_file({k: v.contiguous() for k, v in state.items()}, str(tmp / "model.safetensors"),
+                  metadata={"format": "pt"})
+        if hasattr(model.config, "quantization_config"):
+            del model.config.quantization_config
         model.config.save_pretrained(tmp)
         if getattr(model, "generation_config", None) is not None:
             model.generation_config.save_pretrained(tmp)

@@ -113,7 +113,10 @@ def sample(logits: torch.Tensor, rows: Sequence[RowSampling]) -> list[tuple[int,
     need_lp = any(r.params.logprobs for r in rows)
     raw_lp = torch.log_softmax(logits, dim=-1) if need_lp else None
     plain = [i for i, r in enumerate(rows) if r.params.greedy and not r.params.logits_processors and not r.banned]
-    greedy_tokens = torch.argmax(logits[plain], dim=-1).tolist() if plain else []
+    if len(plain) == len(rows):
+        greedy_tokens = torch.argmax(logits, dim=-1).tolist()
+    else:
+        greedy_tokens = torch.argmax(logits[plain], dim=-1).tolist() if plain else []
     chosen: dict[int, int] = dict(zip(plain, greedy_tokens))
     results: list = [None] * len(rows)
     for i, row in enumerate(rows):
