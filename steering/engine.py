@@ -123,6 +123,7 @@ class RequestHandle:
         self._loop = loop
         self._async_q: asyncio.Queue[RequestOutput] | None = asyncio.Queue() if loop else None
         self._sync_q: queue.Queue[RequestOutput] | None = None if loop else queue.Queue()
+        self.metrics: RequestMetrics | None = None  # the engine's timing record, live while it runs
 
     @property
     def cancelled(self) -> bool:
@@ -309,6 +310,7 @@ class Engine:
         apps = self.validate(request)
         handle = RequestHandle(request, self, loop)
         seq = _Sequence(request, handle, apps, self.lm.tokenizer, self.lm.eos_token_ids, self.lm.device)
+        handle.metrics = seq.metrics
         with self._lock:
             if self._pending >= self.config.max_queue_size:
                 raise QueueFullError(

@@ -58,3 +58,26 @@ def test_concurrent_conversion_into_fresh_cache(tmp_path):
     assert len(models) == 1 and (models[0] / _COMPLETE_MARKER).exists()
     assert (models[0] / "model.safetensors").stat().st_size > 100_000_000
     assert default_gguf_path().suffix == ".gguf"
+
+
+def test_openai_sdk_against_default_model(real_lm, tmp_path):
+    import openai
+    from server_util import live_server
+
+    msgs = [{"role": "user", "content": "What is the capital of France?"}]
+    g = torch.Generator().manual_seed(1)
+    values = {l: torch.randn(576, generator=g).tolist() for l in (10, 11, 12)}
+    with Engine(real_lm).start() as engine, live_server(engine, vector_dir=tmp_path) as (url, _):
+        client = openai.OpenAI(base_url=url + "/v1", api_key="x", max_retries=0)
+        assert client.models.list().data[0].id == "SmolLM2-135M-Instruct"
+        r = client.chat.completions.create(model="SmolLM2-135M-Instruct", messages=msgs, max_tokens=20,
+                                           temperature=0)
+        assert "Paris" in r.choices[0].message.content
+        plain = engine.generate(encode_chat(real_lm.tokenizer, msgs), SamplingParams(max_tokens=20, temperature=0))
+        assert r.choices[0].message.content == plain.text
+        stream = client.chat.completions.create(
+            model="SmolLM2-135M-Instruct", messages=msgs, max_tokens=20, temperature=0, stream=True,
+            extra_body={"steering": {"vectors": [{"values": values, "scale": 60, "normalize": True,
+                                                  "positions": "generated"}]}})
+        text = "".join(c.choices[0].delta.content or "" for c in stream if c.choices)
+        assert text and text != r.choices[0].message.content

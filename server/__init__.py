@@ -1,0 +1,1 @@
+"""steerserve's HTTP layer: a thin FastAPI app over :mod:`steering`."""

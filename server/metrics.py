@@ -1,0 +1,71 @@
+"""Prometheus metrics, prefix ``steerserve_``, label ``model_name``, after vLLM's conventions."""
+
+from __future__ import annotations
+
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, disable_created_metrics
+
+disable_created_metrics()  # no *_created series: dashboards only need the counters themselves
+
+_LATENCY = (0.001, 0.005, 0.01, 0.02, 0.04, 0.06, 0.08, 0.1, 0.25, 0.5, 0.75, 1.0, 2.5, 5.0, 7.5, 10.0,
+            20.0, 40.0, 80.0)
+_E2E = (0.3, 0.5, 0.8, 1.0, 1.5, 2.0, 2.5, 5.0, 10.0, 15.0, 20.0, 30.0, 40.0, 50.0, 60.0, 120.0, 240.0, 480.0)
+
+
+class Metrics:
+    """One registry per app, so several apps (tests) never share counters."""
+
+    def __init__(self, model_name: str) -> None:
+        self.registry = CollectorRegistry()
+        self.model_name = model_name
+        r, lbl = self.registry, ["model_name"]
+        self.running = Gauge("steerserve_num_requests_running", "Requests in the running batch.", lbl, registry=r)
+        self.waiting = Gauge("steerserve_num_requests_waiting", "Requests waiting for a batch slot.", lbl,
+                             registry=r)
+        self.vectors_loaded = Gauge("steerserve_steering_vectors_loaded", "Vectors in the registry.", lbl,
+                                    registry=r)
+        self.prompt_tokens = Counter("steerserve_prompt_tokens", "Prefilled prompt tokens.", lbl, registry=r)
+        self.generation_tokens = Counter("steerserve_generation_tokens", "Generated tokens.", lbl, registry=r)
+        self.success = Counter("steerserve_request_success", "Finished requests (aborts included).",
+                               lbl + ["finished_reason"], registry=r)
+        self.failure = Counter("steerserve_request_failure", "Requests that failed.", lbl + ["reason"],
+                               registry=r)
+        self.steered = Counter("steerserve_steered_requests", "Requests steered, by vector.", lbl + ["vector"],
+                               registry=r)
+        self.ttft = Histogram("steerserve_time_to_first_token_seconds", "Time to first token.", lbl,
+                              buckets=_LATENCY, registry=r)
+        self.itl = Histogram("steerserve_inter_token_latency_seconds", "Time between tokens.", lbl,
+                             buckets=_LATENCY, registry=r)
+        self.e2e = Histogram("steerserve_e2e_request_latency_seconds", "Request latency.", lbl, buckets=_E2E,
+                             registry=r)
+        self.queue_time = Histogram("steerserve_request_queue_time_seconds", "Time waiting for a slot.", lbl,
+                                    buckets=_LATENCY, registry=r)
+
+    def bind(self, engine, registry) -> None:
+        """Gauges read live state at scrape time."""
+        m = self.model_name
+        self.running.labels(m).set_function(lambda: engine.num_running)
+        self.waiting.labels(m).set_function(lambda: engine.num_waiting)
+        self.vectors_loaded.labels(m).set_function(lambda: len(registry))
+        for reason in ("stop", "length", "abort"):
+            self.success.labels(m, reason)
+        self.prompt_tokens.labels(m)
+        self.generation_tokens.labels(m)
+
+    def finished(self, reason: str | None, prompt_tokens: int, generated: int, metrics) -> None:
+        m = self.model_name
+        self.prompt_tokens.labels(m).inc(prompt_tokens)
+        self.generation_tokens.labels(m).inc(generated)
+        if reason == "error":
+            self.failure.labels(m, "engine_error").inc()
+        else:
+            self.success.labels(m, reason or "unknown").inc()
+        if metrics is not None:
+            if metrics.queue_time is not None:
+                self.queue_time.labels(m).observe(metrics.queue_time)
+            if metrics.first_token_time is not None:
+                self.ttft.labels(m).observe(metrics.first_token_time - metrics.arrival_time)
+            if metrics.finished_time is not None:
+                self.e2e.labels(m).observe(metrics.finished_time - metrics.arrival_time)
+
+    def rejected(self, reason: str) -> None:
+        self.failure.labels(self.model_name, reason).inc()

@@ -1,0 +1,449 @@
+"""Service objects, one per endpoint family, built once at start-up. The HTTP routes stay thin.
+
+``EngineClient`` is the one interface between HTTP and the engine: it turns wire-level steering into a core
+spec, submits, streams deltas back on the caller's event loop, records metrics, and cancels the
+generation when the caller goes away.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import time
+from collections.abc import AsyncIterator, Sequence
+from dataclasses import dataclass
+
+import torch
+
+from server.errors import APIError, error_body, from_engine_error
+from server.metrics import Metrics
+from server.protocol import (
+    AppliedSteering,
+    ChatChoice,
+    ChatChunkChoice,
+    ChatCompletionChunk,
+    ChatCompletionRequest,
+    ChatCompletionResponse,
+    ChoiceLogprobs,
+    CompletionChoice,
+    CompletionLogprobs,
+    CompletionRequest,
+    CompletionResponse,
+    DeltaMessage,
+    DetokenizeRequest,
+    DetokenizeResponse,
+    ModelCard,
+    ModelList,
+    ResponseMessage,
+    SamplingFields,
+    SteeringRequest,
+    TokenizeRequest,
+    TokenizeResponse,
+    TokenLogprobEntry,
+    TopLogprob,
+    Usage,
+    VectorInfo,
+    VectorList,
+    new_id,
+)
+from server.settings import ServerSettings
+from steering.engine import Engine, GenerationRequest, RequestHandle, RequestOutput
+from steering.errors import EngineError, RequestValidationError
+from steering.loading import LoadedModel
+from steering.prompts import encode_chat, encode_text
+from steering.registry import VectorRegistry
+from steering.sampling import SamplingParams, TokenLogprob
+from steering.spec import SteeringApplication, SteeringSpec
+from steering.vectors import SteeringVector
+
+
+def sse(payload: dict | str) -> str:
+    data = payload if isinstance(payload, str) else json.dumps(payload, separators=(",", ":"))
+    return f"data: {data}\n\n"
+
+
+@dataclass
+class Submitted:
+    handles: list[RequestHandle]
+    steering: SteeringSpec | None
+    prompt_len: int
+
+
+class EngineClient:
+    """Submits requests to the engine from the asyncio loop and accounts for them in the metrics."""
+
+    def __init__(self, lm: LoadedModel, engine: Engine, registry: VectorRegistry, metrics: Metrics,
+                 settings: ServerSettings) -> None:
+        self.lm, self.engine, self.registry, self.metrics, self.settings = lm, engine, registry, metrics, settings
+
+    def steering_spec(self, req: SteeringRequest | None) -> SteeringSpec | None:
+        if req is None:
+            return None
+        apps = []
+        for i, ref in enumerate(req.vectors):
+            if ref.name is not None:
+                vec = self.registry.get(ref.name)
+            else:
+                vec = SteeringVector({int(k): torch.tensor(v, dtype=torch.float32) for k, v in ref.values.items()},
+                                     name=None)
+            apps.append(SteeringApplication(
+                vector=vec, scale=ref.scale, layers=ref.layers,
+                positions=ref.positions if isinstance(ref.positions, str) else tuple(ref.positions),
+                normalize=ref.normalize,
+            ))
+        spec = SteeringSpec(apps)
+        try:
+            spec.validate(self.lm.hidden_size, self.lm.num_layers)
+        except EngineError as exc:
+            raise APIError(400, exc.message, exc.param or "steering") from exc
+        return spec
+
+    def submit(self, prompt_ids: list[int], sampling: Sequence[SamplingParams],
+               steering: SteeringSpec | None) -> Submitted:
+        loop = asyncio.get_running_loop()
+        handles: list[RequestHandle] = []
+        try:
+            for sp in sampling:
+                handles.append(self.engine.submit(GenerationRequest(prompt_ids, sp, steering), loop=loop))
+        except EngineError as exc:
+            for h in handles:
+                h.cancel()
+            api = from_engine_error(exc, self.settings.retry_after_seconds)
+            self.metrics.rejected("queue_full" if api.status == 503 else "invalid_request")
+            raise api from exc
+        if steering is not None:
+            for app in steering.applications:
+                self.metrics.steered.labels(self.metrics.model_name, app.vector.name or "inline").inc(len(handles))
+        return Submitted(handles, steering, len(prompt_ids))
+
+    async def stream(self, handle: RequestHandle) -> AsyncIterator[RequestOutput]:
+        """Deltas of one request; if the consumer stops early, the generation is cancelled."""
+        last_time = None
+        generated = 0
+        finished = False
+        try:
+            async for out in handle:
+                generated = out.num_generated_tokens
+                if out.token_ids:
+                    if last_time is not None:
+                        self.metrics.itl.labels(self.metrics.model_name).observe(out.time - last_time)
+                    last_time = out.time
+                if out.finished:
+                    finished = True
+                    self.metrics.finished(out.finish_reason, out.num_prompt_tokens, generated, out.metrics)
+                yield out
+        finally:
+            if not finished:
+                handle.cancel()
+                self.metrics.finished("abort", len(handle.request.prompt_token_ids), generated, handle.metrics)
+
+
+def _usage(sub: Submitted, completion: int) -> Usage:
+    return Usage(prompt_tokens=sub.prompt_len, completion_tokens=completion,
+                 total_tokens=sub.prompt_len + completion)
+
+
+def sampling_params(req: SamplingFields, max_tokens: int | None, default_max: int, logprobs: bool,
+                    top_logprobs: int) -> list[SamplingParams]:
+    base = dict(
+        max_tokens=max_tokens if max_tokens is not None else default_max,
+        min_tokens=req.min_tokens,
+        temperature=1.0 if req.temperature is None else req.temperature,
+        top_p=1.0 if req.top_p is None else req.top_p,
+        top_k=0 if req.top_k is None else req.top_k,
+        stop=req.stop_list(), stop_token_ids=list(req.stop_token_ids or []), ignore_eos=req.ignore_eos,
+        logprobs=logprobs, top_logprobs=top_logprobs,
+    )
+    out = []
+    for i in range(req.n):
+        seed = None if req.seed is None else (req.seed + i) % 2**63
+        out.append(SamplingParams(seed=seed, **base))
+    return out
+
+
+class GenerationService:
+    """/v1/chat/completions and /v1/completions, streaming or not."""
+
+    def __init__(self, client: EngineClient, model_name: str) -> None:
+        self.client = client
+        self.lm = client.lm
+        self.model_name = model_name
+
+    def check_model(self, name: str | None) -> None:
+        if name is not None and name != self.model_name:
+            raise APIError(404, f"the model '{name}' does not exist; this server serves '{self.model_name}'",
+                           "model", "not_found_error")
+
+    def _remaining(self, prompt_len: int) -> int:
+        remaining = self.client.engine.max_model_len - prompt_len
+        if remaining < 1:
+            raise APIError(400, f"the prompt has {prompt_len} tokens; this model's maximum context length is "
+                                f"{self.client.engine.max_model_len}", "messages")
+        return remaining
+
+    def _applied(self, spec: SteeringSpec | None) -> list[AppliedSteering] | None:
+        return [AppliedSteering(**d) for d in spec.describe()] if spec else None
+
+    def _token_str(self, tok: int) -> str:
+        return self.lm.tokenizer.decode([tok])
+
+    def _chat_logprobs(self, lps: list[TokenLogprob]) -> ChoiceLogprobs:
+        entries = []
+        for lp in lps:
+            s = self._token_str(lp.token_id)
+            entries.append(TokenLogprobEntry(
+                token=s, logprob=lp.logprob, bytes=list(s.encode()),
+                top_logprobs=[TopLogprob(token=(t := self._token_str(i)), logprob=v, bytes=list(t.encode()))
+                              for i, v in lp.top],
+            ))
+        return ChoiceLogprobs(content=entries)
+
+    def _completion_logprobs(self, lps: list[TokenLogprob], offset: int) -> CompletionLogprobs:
+        out = CompletionLogprobs()
+        for lp in lps:
+            s = self._token_str(lp.token_id)
+            out.tokens.append(s)
+            out.token_logprobs.append(lp.logprob)
+            out.top_logprobs.append({self._token_str(i): v for i, v in lp.top})
+            out.text_offset.append(offset)
+            offset += len(s)
+        return out
+
+    # -- chat ----------------------------------------------------------------------------------------------
+    def prepare_chat(self, req: ChatCompletionRequest) -> tuple[Submitted, list[int]]:
+        self.check_model(req.model)
+        messages = [{"role": m.role if m.role != "developer" else "system", "content": m.text()}
+                    for m in req.messages]
+        try:
+            ids = encode_chat(self.lm.tokenizer, messages)
+        except RequestValidationError as exc:
+            raise APIError(400, exc.message, exc.param) from exc
+        spec = self.client.steering_spec(req.steering)
+        max_tokens = req.max_completion_tokens if req.max_completion_tokens is not None else req.max_tokens
+        sps = sampling_params(req, max_tokens, self._remaining(len(ids)), req.logprobs, req.top_logprobs or 0)
+        return self.client.submit(ids, sps, spec), ids
+
+    async def chat(self, req: ChatCompletionRequest) -> ChatCompletionResponse:
+        sub, _ = self.prepare_chat(req)
+        results = await self._collect(sub)
+        choices = []
+        completion = 0
+        for i, outs in enumerate(results):
+            last = outs[-1]
+            completion += last.num_generated_tokens
+            lps = [lp for o in outs for lp in o.logprobs]
+            choices.append(ChatChoice(
+                index=i, message=ResponseMessage(content="".join(o.text for o in outs)),
+                logprobs=self._chat_logprobs(lps) if req.logprobs else None,
+                finish_reason=last.finish_reason, stop_reason=last.stop_reason,
+            ))
+        return ChatCompletionResponse(
+            id=new_id("chatcmpl"), model=self.model_name, choices=choices,
+            usage=_usage(sub, completion), steering=self._applied(sub.steering),
+        )
+
+    async def chat_stream(self, req: ChatCompletionRequest) -> AsyncIterator[str]:
+        sub, _ = self.prepare_chat(req)  # errors here become a normal 4xx/503 response
+        return self._chat_events(req, sub)
+
+    async def _chat_events(self, req: ChatCompletionRequest, sub: Submitted) -> AsyncIterator[str]:
+        rid, created = new_id("chatcmpl"), int(time.time())
+        applied = self._applied(sub.steering)
+        base = dict(id=rid, created=created, model=self.model_name)
+        include_usage = bool(req.stream_options and req.stream_options.include_usage)
+        for i in range(len(sub.handles)):
+            first = ChatCompletionChunk(**base, choices=[ChatChunkChoice(index=i, delta=DeltaMessage(
+                role="assistant", content=""))], steering=applied if i == 0 else None)
+            yield sse(first.model_dump(exclude_none=True))
+        completion = 0
+        async for i, out in self._merge(sub):
+            if out.error is not None and out.finish_reason == "error":
+                yield sse(error_body(500, str(out.error), type_="server_error"))
+                break
+            if not out.text and not out.finished and not (req.logprobs and out.logprobs):
+                continue
+            if out.finished:
+                completion += out.num_generated_tokens
+            choice = ChatChunkChoice(
+                index=i, delta=DeltaMessage(content=out.text or None),
+                logprobs=self._chat_logprobs(out.logprobs) if req.logprobs and out.logprobs else None,
+                finish_reason=out.finish_reason, stop_reason=out.stop_reason,
+            )
+            chunk = ChatCompletionChunk(**base, choices=[choice]).model_dump(exclude_none=True)
+            if out.finished:
+                chunk["choices"][0]["finish_reason"] = out.finish_reason
+            yield sse(chunk)
+        else:
+            if include_usage:
+                yield sse(ChatCompletionChunk(**base, choices=[], usage=_usage(sub, completion)).model_dump(
+                    exclude_none=True) | {"choices": []})
+        yield sse("[DONE]")
+
+    # -- completions ---------------------------------------------------------------------------------------
+    def prepare_completion(self, req: CompletionRequest) -> Submitted:
+        self.check_model(req.model)
+        ids = encode_text(self.lm.tokenizer, req.prompt) if isinstance(req.prompt, str) else list(req.prompt)
+        if not ids:
+            raise APIError(400, "the prompt is empty", "prompt")
+        spec = self.client.steering_spec(req.steering)
+        max_tokens = req.max_tokens if req.max_tokens is not None else min(16, self._remaining(len(ids)))
+        n_lp = req.logprobs if req.logprobs is not None else 0
+        sps = sampling_params(req, max_tokens, 16, req.logprobs is not None, n_lp)
+        return self.client.submit(ids, sps, spec)
+
+    async def complete(self, req: CompletionRequest) -> CompletionResponse:
+        sub = self.prepare_completion(req)
+        results = await self._collect(sub)
+        choices, completion = [], 0
+        for i, outs in enumerate(results):
+            last = outs[-1]
+            completion += last.num_generated_tokens
+            lps = [lp for o in outs for lp in o.logprobs]
+            choices.append(CompletionChoice(
+                index=i, text="".join(o.text for o in outs),
+                logprobs=self._completion_logprobs(lps, 0) if req.logprobs is not None else None,
+                finish_reason=last.finish_reason, stop_reason=last.stop_reason,
+            ))
+        return CompletionResponse(
+            id=new_id("cmpl"), model=self.model_name, choices=choices,
+            usage=_usage(sub, completion), steering=self._applied(sub.steering),
+        )
+
+    async def complete_stream(self, req: CompletionRequest) -> AsyncIterator[str]:
+        sub = self.prepare_completion(req)
+        return self._completion_events(req, sub)
+
+    async def _completion_events(self, req: CompletionRequest, sub: Submitted) -> AsyncIterator[str]:
+        rid, created = new_id("cmpl"), int(time.time())
+        applied = self._applied(sub.steering)
+        include_usage = bool(req.stream_options and req.stream_options.include_usage)
+        completion, offsets, sent_steering = 0, [0] * len(sub.handles), False
+        async for i, out in self._merge(sub):
+            if out.error is not None and out.finish_reason == "error":
+                yield sse(error_body(500, str(out.error), type_="server_error"))
+                break
+            if not out.text and not out.finished and not (req.logprobs is not None and out.logprobs):
+                continue
+            if out.finished:
+                completion += out.num_generated_tokens
+            lp = None
+            if req.logprobs is not None and out.logprobs:
+                lp = self._completion_logprobs(out.logprobs, offsets[i])
+            offsets[i] += len(out.text)
+            chunk = CompletionResponse(id=rid, created=created, model=self.model_name, choices=[CompletionChoice(
+                index=i, text=out.text, logprobs=lp, finish_reason=out.finish_reason, stop_reason=out.stop_reason)],
+                steering=None if sent_steering else applied).model_dump(exclude_none=True)
+            chunk["choices"][0]["finish_reason"] = out.finish_reason
+            sent_steering = True
+            yield sse(chunk)
+        else:
+            if include_usage:
+                yield sse(CompletionResponse(id=rid, created=created, model=self.model_name, choices=[],
+                                             usage=_usage(sub, completion)).model_dump(exclude_none=True))
+        yield sse("[DONE]")
+
+    # -- helpers -------------------------------------------------------------------------------------------
+    async def _merge(self, sub: Submitted) -> AsyncIterator[tuple[int, RequestOutput]]:
+        """Interleave the deltas of the n choices as they come; cancel all on early exit."""
+        streams = [self.client.stream(h) for h in sub.handles]
+        if len(streams) == 1:
+            try:
+                async for out in streams[0]:
+                    yield 0, out
+            finally:
+                await streams[0].aclose()
+            return
+        queue: asyncio.Queue = asyncio.Queue()
+
+        async def pump(i: int, stream) -> None:
+            try:
+                async for out in stream:
+                    await queue.put((i, out))
+            finally:
+                await stream.aclose()
+                await queue.put((i, None))
+
+        tasks = [asyncio.create_task(pump(i, s)) for i, s in enumerate(streams)]
+        try:
+            remaining = len(tasks)
+            while remaining:
+                i, out = await queue.get()
+                if out is None:
+                    remaining -= 1
+                    continue
+                yield i, out
+        finally:
+            for t in tasks:
+                t.cancel()
+            await asyncio.gather(*tasks, return_exceptions=True)
+
+    async def _collect(self, sub: Submitted) -> list[list[RequestOutput]]:
+        results: list[list[RequestOutput]] = [[] for _ in sub.handles]
+        async for i, out in self._merge(sub):
+            results[i].append(out)
+        for outs in results:
+            last = outs[-1]
+            if last.finish_reason == "error":
+                raise APIError(500, f"generation failed: {last.error}", type_="server_error")
+        return results
+
+
+class ModelService:
+    def __init__(self, lm: LoadedModel, engine: Engine, model_name: str, created: int) -> None:
+        self.card = ModelCard(id=model_name, created=created, max_model_len=engine.max_model_len,
+                              num_layers=lm.num_layers, hidden_size=lm.hidden_size)
+
+    def list(self) -> ModelList:
+        return ModelList(data=[self.card])
+
+
+class TokenizerService:
+    def __init__(self, lm: LoadedModel, engine: Engine, generation: GenerationService) -> None:
+        self.lm, self.engine, self.generation = lm, engine, generation
+
+    def tokenize(self, req: TokenizeRequest) -> TokenizeResponse:
+        self.generation.check_model(req.model)
+        tok = self.lm.tokenizer
+        try:
+            if req.prompt is not None:
+                ids = list(tok(req.prompt, add_special_tokens=req.add_special_tokens)["input_ids"])
+            else:
+                ids = encode_chat(tok, [{"role": m.role, "content": m.text()} for m in req.messages],
+                                  req.add_generation_prompt)
+        except RequestValidationError as exc:
+            raise APIError(400, exc.message, exc.param) from exc
+        return TokenizeResponse(count=len(ids), max_model_len=self.engine.max_model_len, tokens=ids,
+                                token_strs=tok.convert_ids_to_tokens(ids))
+
+    def detokenize(self, req: DetokenizeRequest) -> DetokenizeResponse:
+        self.generation.check_model(req.model)
+        bad = [t for t in req.tokens if not 0 <= t < self.engine.vocab_size]
+        if bad:
+            raise APIError(400, f"token ids must be in [0, {self.engine.vocab_size}); got {bad[:5]}", "tokens")
+        return DetokenizeResponse(prompt=self.lm.tokenizer.decode(req.tokens))
+
+
+class VectorService:
+    def __init__(self, registry: VectorRegistry) -> None:
+        self.registry = registry
+
+    @staticmethod
+    def info(vec: SteeringVector) -> VectorInfo:
+        return VectorInfo(name=vec.name or "", layers=vec.layers, hidden_size=vec.hidden_size,
+                          norms={l: float(v.norm()) for l, v in sorted(vec.values.items())},
+                          metadata=vec.metadata)
+
+    def list(self) -> VectorList:
+        return VectorList(data=[self.info(self.registry.get(n)) for n in self.registry.names()])
+
+    def get(self, name: str) -> VectorInfo:
+        return self.info(self.registry.get(name))
+
+    def put(self, name: str, vec: SteeringVector, overwrite: bool, description: str | None) -> VectorInfo:
+        if description:
+            vec.metadata["description"] = description
+        vec.metadata.setdefault("source", "upload")
+        return self.info(self.registry.put(name, vec, overwrite=overwrite))
+
+    def delete(self, name: str) -> None:
+        self.registry.delete(name)

@@ -1,0 +1,28 @@
+"""Server settings from flags and ``STEERSERVE_*`` environment variables."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from pydantic import Field
+from pydantic_settings import BaseSettings, SettingsConfigDict
+
+
+class ServerSettings(BaseSettings):
+    model_config = SettingsConfigDict(env_prefix="STEERSERVE_", extra="forbid")
+
+    model: str | None = Field(None, description="HF model directory or .gguf file; default: embedded SmolLM2")
+    served_model_name: str | None = Field(None, description="name clients use; default: the model's name")
+    host: str = "127.0.0.1"
+    port: int = Field(8000, ge=0, le=65535)
+    device: str = "auto"
+    dtype: str = "auto"
+    cache_dir: Path | None = None
+    max_batch_size: int = Field(16, ge=1)
+    max_queue_size: int = Field(256, ge=1)
+    max_model_len: int | None = Field(None, ge=16)
+    vector_dir: Path = Field(Path.home() / ".local" / "share" / "steerserve" / "vectors")
+    api_key: str | None = None
+    max_body_bytes: int = Field(16 * 1024 * 1024, ge=1024, description="larger request bodies get 413")
+    retry_after_seconds: int = Field(1, ge=0)
+    log_level: str = "info"
