@@ -230,6 +230,16 @@ class Engine:
         self.lm_head = lm.model.get_output_embeddings()
         text_cfg = lm.model.config.get_text_config() if hasattr(lm.model.config, "get_text_config") else lm.model.config
         self._softcap = getattr(text_cfg, "final_logit_softcapping", None)
+        # Sliding-window attention: per-layer masks (Gemma 2/3, Qwen2 with windows) or one windowed mask
+        # (Mistral); our 4-D masks replace the model's own, so they must carry the window themselves.
+        window = getattr(text_cfg, "sliding_window", None)
+        layer_types = getattr(text_cfg, "layer_types", None) or []
+        self._window = int(window) if window else None
+        self._window_mode = (
+            None if self._window is None
+            else "per_layer" if "sliding_attention" in layer_types
+            else None if layer_types else "all"
+        )
         self.vocab_size = int(self.lm_head.weight.shape[0])
         tok = lm.tokenizer
         pad = tok.pad_token_id if tok.pad_token_id is not None else tok.eos_token_id
@@ -414,10 +424,23 @@ class Engine:
             logits = torch.tanh(logits / self._softcap) * self._softcap
         return logits
 
-    def _causal_mask(self, rows: int, length: int) -> torch.Tensor:
-        dev, dt = self.lm.device, self.lm.dtype
-        mask = torch.full((length, length), torch.finfo(dt).min, device=dev, dtype=dt).triu_(1)
-        return mask.expand(rows, 1, length, length)
+    def _mask(self, q_pos: torch.Tensor, kv_len: int):
+        """Additive attention mask [n, 1, Q, kv_len] for queries at absolute positions ``q_pos`` [n, Q] over
+        keys at positions 0..kv_len-1 (causal, and windowed where the model uses sliding windows)."""
+        k = torch.arange(kv_len, device=q_pos.device).view(1, 1, kv_len)
+        q = q_pos.unsqueeze(-1)  # [n, Q, 1]
+        keep = k <= q
+        full = self._additive(keep)
+        if self._window_mode is None:
+            return full
+        windowed = self._additive(keep & (k > q - self._window))
+        return {"full_attention": full, "sliding_attention": windowed} if self._window_mode == "per_layer" \
+            else windowed
+
+    def _additive(self, keep: torch.Tensor) -> torch.Tensor:
+        dt = self.lm.dtype
+        mask = torch.zeros(keep.shape, device=keep.device, dtype=dt).masked_fill_(~keep, torch.finfo(dt).min)
+        return mask.unsqueeze(1)
 
     def _full_forward(self, seqs: Sequence[_Sequence], use_cache: bool) -> torch.Tensor:
         """Forward whole sequences (prefill or cache-free step); return last-position logits [n, vocab]."""
@@ -433,7 +456,7 @@ class Engine:
         step = steer.gates(pos, torch.tensor([s.prompt_len for s in seqs], device=dev)) if steer else None
         with self.hooks.active(step):
             out = self.base(
-                input_ids=ids, position_ids=pos, attention_mask=self._causal_mask(n, T),
+                input_ids=ids, position_ids=pos, attention_mask=self._mask(pos, T),
                 past_key_values=self.cache if use_cache else None, use_cache=use_cache,
             )
         hidden = out.last_hidden_state[torch.arange(n, device=dev), lens - 1]
@@ -474,10 +497,7 @@ class Engine:
         pos = torch.tensor([s.length - 1 for s in seqs], device=dev)
         try:
             self.cache.plan_decode(pos)
-            kv_len = self.cache._kv_len
-            keep = torch.arange(kv_len, device=dev).unsqueeze(0) <= pos.unsqueeze(1)  # [n, kv_len]
-            mask = torch.zeros(n, 1, 1, kv_len, device=dev, dtype=self.lm.dtype).masked_fill_(
-                ~keep.view(n, 1, 1, kv_len), torch.finfo(self.lm.dtype).min)
+            mask = self._mask(pos.unsqueeze(1), self.cache._kv_len)
             step = self._decode_steering(seqs, pos)
             with self.hooks.active(step):
                 out = self.base(input_ids=ids, position_ids=pos.unsqueeze(1), attention_mask=mask,

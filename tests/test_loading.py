@@ -19,6 +19,7 @@ from steering.vectors import SteeringVector
 
 
 @pytest.mark.parametrize("arch,layers_attr", [("llama", "model.layers"), ("qwen2", "model.layers"),
+                                              ("qwen2-sliding", "model.layers"), ("mistral", "model.layers"),
                                               ("gpt2", "transformer.h")])
 def test_architectures_load_find_layers_and_steer(tmp_path, arch, layers_attr):
     lm = load_model(str(build_model(tmp_path / arch, arch, layers=3)), device="cpu", dtype="float32")
@@ -26,7 +27,8 @@ def test_architectures_load_find_layers_and_steer(tmp_path, arch, layers_attr):
     for part in layers_attr.split("."):
         obj = getattr(obj, part)
     assert lm.layers is obj and lm.num_layers == 3 and lm.hidden_size == 64
-    ids = lm.tokenizer("The quick brown fox")["input_ids"]
+    # longer than the 8-token sliding window of the windowed variants, prompt and generation both
+    ids = lm.tokenizer("The quick brown fox jumps over the lazy dog. Hello world!")["input_ids"]
     with Engine(lm).start() as engine:
         sp = SamplingParams(max_tokens=12, temperature=0, ignore_eos=True)
         ref = lm.model.generate(torch.tensor([ids]), max_new_tokens=12, min_new_tokens=12, do_sample=False,

@@ -60,6 +60,17 @@ def build_model(path: Path, arch: str = "llama", seed: int = 0, layers: int = 4,
         cfg = Qwen2Config(hidden_size=hidden, intermediate_size=hidden * 2, num_hidden_layers=layers,
                           num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=512,
                           initializer_range=0.2, tie_word_embeddings=True, **common)
+    elif arch == "qwen2-sliding":  # layers 1.. use an 8-token sliding window
+        cfg = Qwen2Config(hidden_size=hidden, intermediate_size=hidden * 2, num_hidden_layers=layers,
+                          num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=512,
+                          use_sliding_window=True, sliding_window=8, max_window_layers=1,
+                          initializer_range=0.2, tie_word_embeddings=True, **common)
+    elif arch == "mistral":  # every layer uses an 8-token sliding window
+        from transformers import MistralConfig
+
+        cfg = MistralConfig(hidden_size=hidden, intermediate_size=hidden * 2, num_hidden_layers=layers,
+                            num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=512,
+                            sliding_window=8, initializer_range=0.2, tie_word_embeddings=False, **common)
     elif arch == "gpt2":
         cfg = GPT2Config(n_embd=hidden, n_layer=layers, n_head=4, n_positions=512, initializer_range=0.2,
                          **common)
