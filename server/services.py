@@ -80,7 +80,7 @@ class EngineClient:
         if req is None:
             return None
         apps = []
-        for i, ref in enumerate(req.vectors):
+        for ref in req.vectors:
             if ref.name is not None:
                 vec = self.registry.get(ref.name)
             else:
