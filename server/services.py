@@ -210,7 +210,7 @@ class GenerationService:
         return out
 
     # -- chat ----------------------------------------------------------------------------------------------
-    def prepare_chat(self, req: ChatCompletionRequest) -> tuple[Submitted, list[int]]:
+    def prepare_chat(self, req: ChatCompletionRequest) -> Submitted:
         self.check_model(req.model)
         messages = [{"role": m.role if m.role != "developer" else "system", "content": m.text()}
                     for m in req.messages]
@@ -221,10 +221,10 @@ class GenerationService:
         spec = self.client.steering_spec(req.steering)
         max_tokens = req.max_completion_tokens if req.max_completion_tokens is not None else req.max_tokens
         sps = sampling_params(req, max_tokens, self._remaining(len(ids)), req.logprobs, req.top_logprobs or 0)
-        return self.client.submit(ids, sps, spec), ids
+        return self.client.submit(ids, sps, spec)
 
     async def chat(self, req: ChatCompletionRequest) -> ChatCompletionResponse:
-        sub, _ = self.prepare_chat(req)
+        sub = self.prepare_chat(req)
         results = await self._collect(sub)
         choices = []
         completion = 0
@@ -243,7 +243,7 @@ class GenerationService:
         )
 
     async def chat_stream(self, req: ChatCompletionRequest) -> AsyncIterator[str]:
-        sub, _ = self.prepare_chat(req)  # errors here become a normal 4xx/503 response
+        sub = self.prepare_chat(req)  # errors here become a normal 4xx/503 response
         return self._chat_events(req, sub)
 
     async def _chat_events(self, req: ChatCompletionRequest, sub: Submitted) -> AsyncIterator[str]:
