@@ -257,7 +257,6 @@ class Engine:
         self._stop = False
         self._dead: BaseException | None = None
         self._decode_steer: tuple[tuple[int, ...], SteeringBatch | None, StepSteering | None] | None = None
-        self.steps = 0
         self._thread = threading.Thread(target=self._run, name="steerserve-engine", daemon=True)
 
     # -- public API ----------------------------------------------------------------------------------------------
@@ -562,7 +561,6 @@ class Engine:
             for s in seqs
         ]
         results = sample(logits, samp)
-        self.steps += 1
         now = time.monotonic()
         done: list[int] = []
         for row, seq, res in zip(rows, seqs, results):

@@ -35,7 +35,6 @@ class SteeringBatch:
         self, rows: Sequence[Sequence[ResolvedApplication]], hidden_size: int, device: torch.device,
         dtype: torch.dtype,
     ) -> None:
-        self.num_rows = len(rows)
         self.device = device
         self.dtype = dtype
         norm_apps: list[tuple[int, ResolvedApplication]] = []
