@@ -22,6 +22,7 @@ from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 from server.errors import APIError, error_body, install_error_handlers
 from server.metrics import Metrics
 from server.protocol import (
+    AttributionRequest,
     ChatCompletionRequest,
     CompletionRequest,
     DetokenizeRequest,
@@ -29,6 +30,7 @@ from server.protocol import (
     VectorUpload,
 )
 from server.services import (
+    AttributionService,
     EngineClient,
     GenerationService,
     ModelService,
@@ -54,6 +56,7 @@ class Services:
     models: ModelService
     tokenizer: TokenizerService
     vectors: VectorService
+    attributions: AttributionService
     model_name: str
 
 
@@ -85,7 +88,7 @@ def build_services(settings: ServerSettings, engine: Engine) -> Services:
     return Services(engine=engine, metrics=metrics, generation=generation,
                     models=ModelService(lm, engine, name, int(time.time())),
                     tokenizer=TokenizerService(lm, engine, generation), vectors=VectorService(registry),
-                    model_name=name)
+                    attributions=AttributionService(client, generation, settings), model_name=name)
 
 
 class BodyLimit:
@@ -138,7 +141,8 @@ def create_app(settings: ServerSettings | None = None, engine: Engine | None = N
                                          cache_dir=settings.cache_dir)
             eng = Engine(lm, EngineConfig(max_batch_size=settings.max_batch_size,
                                           max_queue_size=settings.max_queue_size,
-                                          max_model_len=settings.max_model_len)).start()
+                                          max_model_len=settings.max_model_len, max_jobs=settings.max_jobs,
+                                          job_chunk_tokens=settings.job_chunk_tokens)).start()
             state.services = build_services(settings, eng)
             log.info("model %s loaded on %s (%s)", lm.name, lm.device, lm.dtype)
         except Exception as exc:  # noqa: BLE001 - reported by /ready and /health
@@ -161,7 +165,8 @@ def create_app(settings: ServerSettings | None = None, engine: Engine | None = N
             svc = state.services
             if svc is not None:
                 deadline = time.monotonic() + 30
-                while (svc.engine.num_running or svc.engine.num_waiting) and time.monotonic() < deadline:
+                while (svc.engine.num_running or svc.engine.num_waiting or svc.engine.num_jobs) \
+                        and time.monotonic() < deadline:
                     await asyncio.sleep(0.05)
                 if owns_engine:
                     await asyncio.to_thread(svc.engine.shutdown)
@@ -239,6 +244,15 @@ def create_app(settings: ServerSettings | None = None, engine: Engine | None = N
     @app.post("/detokenize", dependencies=guarded)
     async def detokenize(req: DetokenizeRequest, svc: Services = Depends(services)):
         return svc.tokenizer.detokenize(req)
+
+    # -- attribution -----------------------------------------------------------------------------------------
+    @app.get("/v1/attributions/methods", dependencies=guarded)
+    async def attribution_methods(svc: Services = Depends(services)):
+        return svc.attributions.methods()
+
+    @app.post("/v1/attributions", dependencies=guarded)
+    async def attributions(req: AttributionRequest, request: Request, svc: Services = Depends(services)):
+        return await _until_disconnect(request, svc.attributions.attribute(req))
 
     # -- vector store ----------------------------------------------------------------------------------------
     @app.get("/v1/steering/vectors", dependencies=guarded)

@@ -40,12 +40,20 @@ class Metrics:
         self.queue_time = Histogram("steerserve_request_queue_time_seconds", "Time waiting for a slot.", lbl,
                                     buckets=_LATENCY, registry=r)
 
+        self.jobs = Gauge("steerserve_num_jobs", "Background jobs (attributions...) queued or running.", lbl,
+                          registry=r)
+        self.attributions = Counter("steerserve_attribution_requests", "Attribution requests, by method and "
+                                    "outcome.", lbl + ["method", "status"], registry=r)
+        self.attribution_seconds = Histogram("steerserve_attribution_compute_seconds", "Model time of an "
+                                             "attribution.", lbl + ["method"], buckets=_E2E, registry=r)
+
     def bind(self, engine, registry) -> None:
         """Gauges read live state at scrape time."""
         m = self.model_name
         self.running.labels(m).set_function(lambda: engine.num_running)
         self.waiting.labels(m).set_function(lambda: engine.num_waiting)
         self.vectors_loaded.labels(m).set_function(lambda: len(registry))
+        self.jobs.labels(m).set_function(lambda: engine.num_jobs)
         for reason in ("stop", "length", "abort"):
             self.success.labels(m, reason)
         self.prompt_tokens.labels(m)
@@ -69,3 +77,8 @@ class Metrics:
 
     def rejected(self, reason: str) -> None:
         self.failure.labels(self.model_name, reason).inc()
+
+    def attribution_done(self, method: str, status: str, job_metrics) -> None:
+        self.attributions.labels(self.model_name, method, status).inc()
+        if status == "ok":
+            self.attribution_seconds.labels(self.model_name, method).observe(job_metrics.compute_seconds)

@@ -19,6 +19,14 @@ from server.errors import APIError, error_body, from_engine_error
 from server.metrics import Metrics
 from server.protocol import (
     AppliedSteering,
+    AttributedToken,
+    AttributionCost,
+    AttributionMethodInfo,
+    AttributionMethodList,
+    AttributionRequest,
+    AttributionResponse,
+    RankedToken,
+    TargetToken,
     ChatChoice,
     ChatChunkChoice,
     ChatCompletionChunk,
@@ -47,6 +55,7 @@ from server.protocol import (
     new_id,
 )
 from server.settings import ServerSettings
+from steering import attribution as attr
 from steering.engine import Engine, GenerationRequest, RequestHandle, RequestOutput
 from steering.errors import EngineError, RequestValidationError
 from steering.loading import LoadedModel
@@ -447,3 +456,127 @@ class VectorService:
 
     def delete(self, name: str) -> None:
         self.registry.delete(name)
+
+
+class AttributionService:
+    """/v1/attributions: runs as a chunked engine job, so generation keeps stepping while it computes."""
+
+    def __init__(self, client: EngineClient, generation: GenerationService, settings: ServerSettings) -> None:
+        self.client, self.generation, self.lm = client, generation, client.lm
+        self.limits = attr.AttributionLimits(
+            max_input_tokens=settings.attribution_max_input_tokens,
+            max_target_tokens=settings.attribution_max_target_tokens,
+            max_n_steps=settings.attribution_max_n_steps, max_probes=settings.attribution_max_probes,
+            max_probe_steps=settings.attribution_max_probe_steps,
+        )
+
+    @staticmethod
+    def methods() -> AttributionMethodList:
+        return AttributionMethodList(data=[
+            AttributionMethodInfo(name=m.name, summary=m.summary, gradient=m.gradient,
+                                  params=m.Params.model_json_schema())
+            for m in (attr.METHODS[n] for n in attr.method_names())
+        ])
+
+    def _prompt_ids(self, req: AttributionRequest) -> list[int]:
+        tok = self.lm.tokenizer
+        if req.prompt is not None:
+            if not req.prompt:
+                raise APIError(400, "the prompt is empty", "prompt")
+            return list(tok(req.prompt, add_special_tokens=req.add_special_tokens)["input_ids"])
+        messages = [{"role": m.role if m.role != "developer" else "system", "content": m.text()}
+                    for m in req.messages]
+        return encode_chat(tok, messages)
+
+    def _encode_target(self, text: str, param: str) -> list[int]:
+        ids = list(self.lm.tokenizer(text, add_special_tokens=False)["input_ids"])
+        if not ids:
+            raise APIError(400, f"'{param}' encodes to no tokens", param)
+        return ids
+
+    async def _generate_target(self, ids: list[int], max_tokens: int, spec) -> tuple[list[int], float]:
+        t0 = time.monotonic()
+        max_tokens = min(max_tokens, self.limits.max_target_tokens)
+        sub = self.client.submit(ids, [SamplingParams(max_tokens=max_tokens, temperature=0.0)], spec)
+        out: list[int] = []
+        async for res in self.client.stream(sub.handles[0]):
+            out.extend(res.token_ids)
+            if res.finished and res.finish_reason == "error":
+                raise APIError(500, f"generating the target failed: {res.error}", type_="server_error")
+        if not out:
+            raise APIError(400, "the model generated no token to attribute (it stopped at once); give a 'target'",
+                           "target")
+        return out, time.monotonic() - t0
+
+    def _tokens(self, ids: list[int], lps: list[float]) -> list[TargetToken]:
+        tok = self.lm.tokenizer
+        return [TargetToken(id=i, text=tok.decode([i]), logprob=lp) for i, lp in zip(ids, lps)]
+
+    async def attribute(self, req: AttributionRequest) -> AttributionResponse:
+        self.generation.check_model(req.model)
+        ids = self._prompt_ids(req)
+        spec = self.client.steering_spec(req.steering)
+        generated, gen_seconds = False, 0.0
+        if req.contrast is not None:
+            target = attr.AttributionTarget.contrastive(self._encode_target(req.contrast.preferred, "contrast"),
+                                                        self._encode_target(req.contrast.dispreferred, "contrast"))
+        else:
+            if req.target is not None:
+                cont = self._encode_target(req.target, "target")
+            else:
+                attr.prepare(self.lm, attr.AttributionRequest(ids, attr.AttributionTarget.continuation([0]),
+                                                              req.method, req.params, req.reduction),
+                             self.limits)  # reject a bad method or parameter before generating
+                cont, gen_seconds = await self._generate_target(ids, req.max_tokens or 16, spec)
+                generated = True
+            target = (attr.AttributionTarget.per_token if req.per_token
+                      else attr.AttributionTarget.continuation)(cont)
+        core = attr.AttributionRequest(ids, target, req.method, req.params, req.reduction, spec)
+        prep = attr.prepare(self.lm, core, self.limits, self.client.engine.max_model_len)
+        engine = self.client.engine
+        try:
+            handle = engine.submit_job(prep.work, "attribution", loop=asyncio.get_running_loop())
+        except EngineError as exc:
+            api = from_engine_error(exc, self.client.settings.retry_after_seconds)
+            self.client.metrics.rejected("queue_full" if api.status == 503 else "invalid_request")
+            raise api from exc
+        status = "error"
+        try:
+            result: attr.AttributionResult = await handle.aresult()
+            status = "ok"
+        finally:
+            if not handle.done():
+                handle.cancel()
+                status = "abort"
+            self.client.metrics.attribution_done(req.method, status, handle.metrics)
+        return self._response(req, result, generated, gen_seconds, handle, spec)
+
+    def _response(self, req: AttributionRequest, res: attr.AttributionResult, generated: bool,
+                  gen_seconds: float, handle, spec: SteeringSpec | None) -> AttributionResponse:
+        tok = self.lm.tokenizer
+        texts = [tok.decode([i]) for i in res.prompt_ids]
+        totals = res.totals.tolist()
+        inputs = [AttributedToken(position=i, id=t, text=texts[i], special=res.special[i], score=totals[i])
+                  for i, t in enumerate(res.prompt_ids)]
+        ranked = lambda picks: [RankedToken(position=i, text=texts[i], score=s) for i, s in picks]  # noqa: E731
+        conts = res.target.continuations
+        m = handle.metrics
+        cost = AttributionCost(
+            **res.cost.as_dict(), seconds=round(res.seconds, 6), generation_seconds=round(gen_seconds, 6),
+            queue_seconds=round((m.start_time or m.arrival_time) - m.arrival_time, 6),
+        )
+        body = dict(
+            model=self.generation.model_name, method=res.method, params=res.params, reduction=res.reduction,
+            target_type=res.target.kind, generated_target=generated, input_tokens=inputs,
+            objective=res.objective, top_positive=ranked(res.top(req.top_k)),
+            top_negative=ranked(res.top(req.top_k, negative=True)), info=res.info, cost=cost,
+            steering=self.generation._applied(spec),
+        )
+        if res.target.kind == "contrastive":
+            body["preferred"] = self._tokens(list(conts[0]), res.token_logprobs[0])
+            body["dispreferred"] = self._tokens(list(conts[1]), res.token_logprobs[1])
+        else:
+            body["target"] = self._tokens(list(conts[0]), res.token_logprobs[0])
+        if res.target.kind == "per_token":
+            body["matrix"] = res.scores.tolist()
+        return AttributionResponse(**body)

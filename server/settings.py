@@ -26,3 +26,10 @@ class ServerSettings(BaseSettings):
     max_body_bytes: int = Field(16 * 1024 * 1024, ge=1024, description="larger request bodies get 413")
     retry_after_seconds: int = Field(1, ge=0)
     log_level: str = "info"
+    max_jobs: int = Field(64, ge=1, description="background jobs (attributions...) queued or running")
+    job_chunk_tokens: int = Field(2048, ge=16, description="tokens per job chunk: generation waits at most one")
+    attribution_max_input_tokens: int = Field(1024, ge=1)
+    attribution_max_target_tokens: int = Field(128, ge=1)
+    attribution_max_n_steps: int = Field(512, ge=1)
+    attribution_max_probes: int = Field(64, ge=1)
+    attribution_max_probe_steps: int = Field(1000, ge=1)

@@ -38,6 +38,7 @@ from steering.errors import (
     RequestValidationError,
 )
 from steering.hooks import SteeringBatch, SteeringHooks, StepSteering
+from steering.jobs import JobHandle, Work, _Job, advance, close
 from steering.kv_cache import SlotKVCache
 from steering.loading import LoadedModel
 from steering.sampling import RowSampling, SamplingParams, TokenLogprob, make_generator, sample
@@ -58,6 +59,11 @@ class EngineConfig:
     """Padded prompt tokens prefilled in one step (at least one request is always admitted)."""
     use_kv_cache: bool = True
     kv_initial_capacity: int = 256
+    max_jobs: int = 64
+    """Most background jobs (attribution, vector builds, evaluation) queued or running."""
+    job_chunk_tokens: int = 2048
+    """Token budget of one job chunk (rows x length of one forward and its backward); generation waits at
+    most one chunk for a job."""
 
 
 @dataclass
@@ -229,7 +235,6 @@ class Engine:
         self.base = lm.model.base_model
         self.lm_head = lm.model.get_output_embeddings()
         text_cfg = lm.model.config.get_text_config() if hasattr(lm.model.config, "get_text_config") else lm.model.config
-        self._softcap = getattr(text_cfg, "final_logit_softcapping", None)
         # Sliding-window attention: per-layer masks (Gemma 2/3, Qwen2 with windows) or one windowed mask
         # (Mistral); our 4-D masks replace the model's own, so they must carry the window themselves.
         window = getattr(text_cfg, "sliding_window", None)
@@ -252,6 +257,8 @@ class Engine:
         self._inbox: queue.Queue = queue.Queue()
         self._waiting: deque[_Sequence] = deque()
         self._running: list[_Sequence] = []
+        self._jobs: deque[_Job] = deque()
+        self._num_jobs = 0  # accepted jobs not yet ended
         self._pending = 0  # accepted, not yet running (inbox + waiting)
         self._lock = threading.Lock()
         self._stop = False
@@ -329,6 +336,27 @@ class Engine:
         self._inbox.put(seq)
         return handle
 
+    @property
+    def num_jobs(self) -> int:
+        return self._num_jobs
+
+    def submit_job(self, work: Work, name: str = "job",
+                   loop: asyncio.AbstractEventLoop | None = None) -> JobHandle:
+        """Queue a background job (see :mod:`steering.jobs`); it runs in chunks between generation steps.
+
+        Raises QueueFullError when ``max_jobs`` jobs are already queued or running, EngineClosedError when the
+        engine is not running. With ``loop``, await the handle's ``aresult()``.
+        """
+        if not self.is_alive():
+            raise EngineClosedError("the engine is not running")
+        with self._lock:
+            if self._num_jobs >= self.config.max_jobs:
+                raise QueueFullError(f"too many background jobs ({self.config.max_jobs}); retry later")
+            self._num_jobs += 1
+        handle = JobHandle(name, loop, on_cancel=self._wake)
+        self._inbox.put(_Job(work, handle))
+        return handle
+
     def generate(self, prompt_token_ids: list[int], sampling: SamplingParams | None = None,
                  steering: SteeringSpec | None = None) -> GenerationResult:
         """Submit one request and wait for it (a convenience for scripts and tests)."""
@@ -343,7 +371,7 @@ class Engine:
         try:
             with torch.inference_mode():
                 while not self._stop:
-                    self._pull(block=not self._running and not self._waiting)
+                    self._pull(block=not self._running and not self._waiting and not self._jobs)
                     if self._stop:
                         break
                     self._reap_cancelled()
@@ -355,6 +383,8 @@ class Engine:
                         self._admit_without_cache()
                         if self._running:
                             self._full_step()
+                    if self._jobs:
+                        self._job_step()
         except BaseException as exc:  # noqa: BLE001 - the thread must not die silently
             log.exception("engine thread died")
             self._dead = exc
@@ -365,7 +395,9 @@ class Engine:
         try:
             item = self._inbox.get(block=block)
             while True:
-                if item is not _WAKE:
+                if isinstance(item, _Job):
+                    self._jobs.append(item)
+                elif item is not _WAKE:
                     self._waiting.append(item)
                 item = self._inbox.get_nowait()
         except queue.Empty:
@@ -377,6 +409,11 @@ class Engine:
             self._finish(seq, "error", error=exc)
         self._running.clear()
         self._waiting.clear()
+        for job in self._jobs:
+            close(job, exc)
+        self._jobs.clear()
+        with self._lock:
+            self._num_jobs = 0
 
     def _reap_cancelled(self) -> None:
         kept = deque()
@@ -392,6 +429,15 @@ class Engine:
         for i in gone:
             self._finish(self._running[i], "abort")
         self._remove_rows(gone)
+
+    def _job_step(self) -> None:
+        """Advance the job at the head of the queue by one chunk; it then goes to the back (round robin)."""
+        job = self._jobs.popleft()
+        if advance(job, self.lm, self.hooks, self.config.job_chunk_tokens):
+            with self._lock:
+                self._num_jobs -= 1
+        else:
+            self._jobs.append(job)
 
     def _take_waiting(self, limit_rows: int, token_budget: int | None) -> list[_Sequence]:
         batch: list[_Sequence] = []
@@ -416,12 +462,6 @@ class Engine:
         if not any(s.apps for s in seqs):
             return None
         return SteeringBatch([s.apps for s in seqs], self.lm.hidden_size, self.lm.device, self.lm.dtype)
-
-    def _logits(self, hidden: torch.Tensor) -> torch.Tensor:
-        logits = self.lm_head(hidden)
-        if self._softcap:
-            logits = torch.tanh(logits / self._softcap) * self._softcap
-        return logits
 
     def _mask(self, q_pos: torch.Tensor, kv_len: int):
         """Additive attention mask [n, 1, Q, kv_len] for queries at absolute positions ``q_pos`` [n, Q] over
@@ -459,7 +499,7 @@ class Engine:
                 past_key_values=self.cache if use_cache else None, use_cache=use_cache,
             )
         hidden = out.last_hidden_state[torch.arange(n, device=dev), lens - 1]
-        return self._logits(hidden)
+        return self.lm.logits(hidden)
 
     # -- scheduling ---------------------------------------------------------------------------------------------
     def _admit_with_cache(self) -> None:
@@ -501,7 +541,7 @@ class Engine:
             with self.hooks.active(step):
                 out = self.base(input_ids=ids, position_ids=pos.unsqueeze(1), attention_mask=mask,
                                 past_key_values=self.cache, use_cache=True)
-            logits = self._logits(out.last_hidden_state[:, -1])
+            logits = self.lm.logits(out.last_hidden_state[:, -1])
         except Exception as exc:  # noqa: BLE001
             log.exception("decode step failed")
             self._fail_rows(list(range(n)), exc)

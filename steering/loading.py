@@ -64,7 +64,7 @@ def resolve_device(device: str = "auto") -> torch.device:
     return dev
 
 
-_DTYPES = {"float32": torch.float32, "fp32": torch.float32, "float16": torch.float16, "fp16": torch.float16,
+_DTYPES = {"float64": torch.float64, "float32": torch.float32, "fp32": torch.float32, "float16": torch.float16, "fp16": torch.float16,
            "bfloat16": torch.bfloat16, "bf16": torch.bfloat16}
 
 
@@ -165,6 +165,22 @@ class LoadedModel:
         self.max_model_len = int(
             getattr(text_cfg, "max_position_embeddings", None) or getattr(text_cfg, "n_positions", 2048)
         )
+
+    def logits(self, hidden: torch.Tensor) -> torch.Tensor:
+        """The LM head on final hidden states, with the model's logit soft-capping where it has one."""
+        logits = self.model.get_output_embeddings()(hidden)
+        cfg = self.model.config
+        text_cfg = cfg.get_text_config() if hasattr(cfg, "get_text_config") else cfg
+        cap = getattr(text_cfg, "final_logit_softcapping", None)
+        return torch.tanh(logits / cap) * cap if cap else logits
+
+    @property
+    def special_token_ids(self) -> set[int]:
+        """BOS/EOS/pad and every added token marked special (chat-template markers such as <|im_start|>)."""
+        ids = {int(i) for i in getattr(self.tokenizer, "all_special_ids", []) or []}
+        added = getattr(self.tokenizer, "added_tokens_decoder", None) or {}
+        ids.update(int(i) for i, t in added.items() if getattr(t, "special", False))
+        return ids
 
     @property
     def eos_token_ids(self) -> set[int]:

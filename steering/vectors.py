@@ -5,14 +5,13 @@ from __future__ import annotations
 import json
 import math
 import os
-import tempfile
 from dataclasses import dataclass, field
-from pathlib import Path
 from typing import Any
 
 import torch
 
 from steering.errors import SteeringValidationError
+from steering.files import atomic_write
 
 _LAYER_PREFIX = "layer."
 _META_KEY = "steerserve"
@@ -63,19 +62,9 @@ class SteeringVector:
         """Write atomically: a temporary file in the same directory, fsync, then rename."""
         from safetensors.torch import save_file
 
-        path = Path(path)
-        path.parent.mkdir(parents=True, exist_ok=True)
         meta = {_META_KEY: json.dumps({"name": self.name, "metadata": self.metadata})}
-        fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-        os.close(fd)
-        try:
-            save_file(self.to_tensors(), tmp, metadata=meta)
-            with open(tmp, "rb") as fh:
-                os.fsync(fh.fileno())
-            os.replace(tmp, path)
-        finally:
-            if os.path.exists(tmp):
-                os.unlink(tmp)
+        tensors = self.to_tensors()
+        atomic_write(path, lambda tmp: save_file(tensors, tmp, metadata=meta))
 
     @classmethod
     def load(cls, path: str | os.PathLike) -> "SteeringVector":

@@ -81,3 +81,28 @@ def test_openai_sdk_against_default_model(real_lm, tmp_path):
                                                   "positions": "generated"}]}})
         text = "".join(c.choices[0].delta.content or "" for c in stream if c.choices)
         assert text and text != r.choices[0].message.content
+
+
+def test_attribution_on_default_model(real_lm, tmp_path):
+    """Over HTTP on the default model: the answer 'Paris' is driven by 'France' (occlusion), IG's completeness
+    report is present, and the per-token matrix of the model's own answer has a row per generated token."""
+    import httpx
+    from server_util import live_server
+
+    prompt = "The capital of France is"
+    with Engine(real_lm).start() as engine, live_server(engine, vector_dir=tmp_path) as (url, _):
+        r = httpx.post(url + "/v1/attributions", json={"prompt": prompt, "target": " Paris", "method": "occlusion",
+                                                       "top_k": 3}, timeout=300)
+        assert r.status_code == 200, r.text
+        out = r.json()
+        assert any("France" in t["text"] for t in out["top_positive"]), out["top_positive"]
+        ig = httpx.post(url + "/v1/attributions", json={"prompt": prompt, "target": " Paris", "top_k": 3,
+                                                        "params": {"n_steps": 16}}, timeout=300).json()
+        comp = ig["info"]["completeness"]
+        assert comp["sum_of_attributions"][0] == pytest.approx(sum(t["score"] for t in ig["input_tokens"]),
+                                                               rel=1e-4, abs=1e-4)
+        gen = httpx.post(url + "/v1/attributions", json={"messages": [{"role": "user", "content": "Hi!"}],
+                                                         "max_tokens": 4, "per_token": True,
+                                                         "method": "input_x_gradient"}, timeout=300).json()
+        assert gen["generated_target"] and len(gen["matrix"]) == len(gen["target"]) <= 4
+        assert gen["input_tokens"][0]["special"]  # <|im_start|>
