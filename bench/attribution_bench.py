@@ -159,6 +159,9 @@ def main() -> None:
     ap.add_argument("--inseq-python", default=INSEQ_PYTHON)
     ap.add_argument("--skip-inseq", action="store_true")
     ap.add_argument("--skip-speed", action="store_true", help="only the faithfulness part")
+    ap.add_argument("--reagent-params", default='{"num_probes": 4, "max_steps": 8}',
+                    help="ReAGent parameters for the faithfulness part (JSON; its defaults take minutes per "
+                         "question on 2 CPU cores)")
     args = ap.parse_args()
     torch.set_num_threads(min(2, os.cpu_count() or 1))
     lm = load_model(None, device="cpu", dtype="float32")
@@ -217,6 +220,7 @@ def main() -> None:
 
     # (3) faithfulness
     data = rows()[: args.questions]
+    reagent_params = json.loads(args.reagent_params)
     limits = AttributionLimits()
     gen = torch.Generator().manual_seed(0)
     totals: dict[str, list[float]] = {m: [] for m in method_names()}
@@ -230,7 +234,9 @@ def main() -> None:
         k = max(1, math.ceil(0.2 * len(prompt)))
         for m in method_names():
             t0 = time.perf_counter()
-            res = attribute(lm, AttributionRequest(prompt, AttributionTarget.continuation(answer), m), limits=limits)
+            params = reagent_params if m == "reagent" else {}
+            res = attribute(lm, AttributionRequest(prompt, AttributionTarget.continuation(answer), m, params),
+                            limits=limits)
             seconds[m] += time.perf_counter() - t0
             order = sorted(range(len(prompt)), key=lambda i: res.scores[0, i].item(), reverse=True)
             totals[m].append(comprehensiveness(lm, prompt, answer, order[:k], base))
@@ -242,6 +248,7 @@ def main() -> None:
     r_mean = statistics.mean(rand)
     print(f"\n(3) faithfulness over {len(data)} TruthfulQA questions (rows 0-{len(data) - 1}, vector-building "
           f"split), prompt 'Q: {{question}}\\nA:', target ' {{Best Answer}}', top 20% of prompt tokens removed:")
+    print(f"  defaults for every method (IG: 32 Gauss-Legendre steps, zero baseline) except reagent {reagent_params}")
     print(f"  random removal: mean comprehensiveness {r_mean:.3f} nats")
     for m in method_names():
         c = statistics.mean(totals[m])
