@@ -111,25 +111,26 @@ class IntegratedGradients(AttributionMethod):
         return MethodOutput(attr, info)
 
 
-@register
-class Saliency(AttributionMethod):
-    name = "saliency"
+class _GradientAtInput(AttributionMethod):
+    """The objectives' gradient at the input itself, optionally times the input."""
+
     gradient = True
+    times_input = False
+
+    def run(self, runner, params):
+        x = runner.embed(runner.prompt).detach()
+        acc = yield from path_gradients(runner, torch.ones(1), torch.ones(1), x, torch.zeros_like(x))
+        return MethodOutput(acc * x.to(acc.dtype) if self.times_input else acc)
+
+
+@register
+class Saliency(_GradientAtInput):
+    name = "saliency"
     summary = "the gradient of the objective w.r.t. each input embedding"
 
-    def run(self, runner, params):
-        x = runner.embed(runner.prompt).detach()
-        acc = yield from path_gradients(runner, torch.ones(1), torch.ones(1), x, torch.zeros_like(x))
-        return MethodOutput(acc)
-
 
 @register
-class InputXGradient(AttributionMethod):
+class InputXGradient(_GradientAtInput):
     name = "input_x_gradient"
-    gradient = True
+    times_input = True
     summary = "each input embedding times the objective's gradient w.r.t. it"
-
-    def run(self, runner, params):
-        x = runner.embed(runner.prompt).detach()
-        acc = yield from path_gradients(runner, torch.ones(1), torch.ones(1), x, torch.zeros_like(x))
-        return MethodOutput(acc * x.to(acc.dtype))
