@@ -12,6 +12,7 @@ that field::
 
 from __future__ import annotations
 
+import time
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
@@ -89,6 +90,65 @@ class SteerClient:
 
     def delete_vector(self, name: str) -> None:
         self._check(self._http.delete(f"/v1/steering/vectors/{name}"))
+
+    def rename_vector(self, name: str, new_name: str, *, overwrite: bool = False) -> dict:
+        return self._check(self._http.post(f"/v1/steering/vectors/{name}/rename",
+                                           json={"new_name": new_name, "overwrite": overwrite}))
+
+    def export_gguf(self, name: str, path: str | Path, *, scale: float = 1.0) -> list[int]:
+        """Save the vector as a llama.cpp control vector; returns the layers left out (layer 0)."""
+        r = self._http.get(f"/v1/steering/vectors/{name}/gguf", params={"scale": scale})
+        if r.status_code >= 400:
+            self._check(r)
+        Path(path).write_bytes(r.content)
+        dropped = r.headers.get("X-Steerserve-Dropped-Layers", "")
+        return [int(x) for x in dropped.split(",") if x]
+
+    # vector building and jobs
+    def build_methods(self) -> list[dict]:
+        return self._check(self._http.get("/v1/steering/methods"))["data"]
+
+    def build_vector(self, name: str, examples: Sequence[Mapping[str, str]], *, method: str = "grains",
+                     params: Mapping[str, Any] | None = None, validation: Sequence[Mapping[str, str]] | None = None,
+                     sweep: Mapping[str, Any] | None = None, overwrite: bool = False,
+                     description: str | None = None) -> dict:
+        """Start a build job; returns the job (poll it with :meth:`job` or :meth:`wait`). Examples are mappings
+        with ``prompt``, ``preferred`` and ``dispreferred``."""
+        body: dict[str, Any] = {"name": name, "method": method, "examples": [dict(e) for e in examples],
+                                "params": dict(params or {}), "overwrite": overwrite}
+        if validation is not None:
+            body["validation"] = [dict(e) for e in validation]
+        if sweep is not None:
+            body["sweep"] = dict(sweep)
+        if description:
+            body["description"] = description
+        return self._check(self._http.post("/v1/steering/vectors/build", json=body))
+
+    def sweep_vector(self, name: str, examples: Sequence[Mapping[str, str]], **sweep: Any) -> dict:
+        return self._check(self._http.post(f"/v1/steering/vectors/{name}/sweep",
+                                           json={"examples": [dict(e) for e in examples], "sweep": sweep}))
+
+    def job(self, job_id: str) -> dict:
+        return self._check(self._http.get(f"/v1/jobs/{job_id}"))
+
+    def jobs(self) -> list[dict]:
+        return self._check(self._http.get("/v1/jobs"))["data"]
+
+    def cancel_job(self, job_id: str) -> dict:
+        return self._check(self._http.post(f"/v1/jobs/{job_id}/cancel"))
+
+    def wait(self, job_id: str, *, poll: float = 0.5, timeout: float | None = None, on_progress=None) -> dict:
+        """Poll a job until it ends; returns it (check ``status``). ``on_progress(job)`` is called each poll."""
+        deadline = None if timeout is None else time.monotonic() + timeout
+        while True:
+            job = self.job(job_id)
+            if on_progress is not None:
+                on_progress(job)
+            if job["status"] in ("succeeded", "failed", "cancelled"):
+                return job
+            if deadline is not None and time.monotonic() > deadline:
+                raise TimeoutError(f"job {job_id} still {job['status']} after {timeout} s")
+            time.sleep(poll)
 
     # tokenizer
     def tokenize(self, prompt: str | None = None, messages: Sequence[Mapping] | None = None) -> list[int]:

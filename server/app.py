@@ -10,6 +10,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import math
 import secrets
 import time
 from dataclasses import dataclass
@@ -27,12 +28,16 @@ from server.protocol import (
     CompletionRequest,
     DetokenizeRequest,
     TokenizeRequest,
+    VectorBuildRequest,
+    VectorRename,
+    VectorSweepRequest,
     VectorUpload,
 )
 from server.services import (
     AttributionService,
     EngineClient,
     GenerationService,
+    JobService,
     ModelService,
     TokenizerService,
     VectorService,
@@ -41,6 +46,7 @@ from server.settings import ServerSettings
 from steering import __version__
 from steering.engine import Engine, EngineConfig
 from steering.errors import SteeringValidationError
+from steering.gguf_vectors import import_controlvector
 from steering.loading import load_model
 from steering.registry import ModelIdentity, VectorRegistry
 from steering.vectors import SteeringVector
@@ -56,6 +62,7 @@ class Services:
     models: ModelService
     tokenizer: TokenizerService
     vectors: VectorService
+    jobs: JobService
     attributions: AttributionService
     model_name: str
 
@@ -79,15 +86,17 @@ class AppState:
 def build_services(settings: ServerSettings, engine: Engine) -> Services:
     lm = engine.lm
     name = settings.served_model_name or lm.name
-    registry = VectorRegistry(settings.vector_dir, ModelIdentity(lm.name, lm.hidden_size, lm.num_layers))
+    registry = VectorRegistry(settings.vector_dir, ModelIdentity.of(lm))
     registry.load_all()
     metrics = Metrics(name)
     metrics.bind(engine, registry)
     client = EngineClient(lm, engine, registry, metrics, settings)
     generation = GenerationService(client, name)
+    jobs = JobService(client, keep=settings.keep_finished_jobs)
     return Services(engine=engine, metrics=metrics, generation=generation,
                     models=ModelService(lm, engine, name, int(time.time())),
-                    tokenizer=TokenizerService(lm, engine, generation), vectors=VectorService(registry),
+                    tokenizer=TokenizerService(lm, engine, generation),
+                    vectors=VectorService(client, registry, jobs), jobs=jobs,
                     attributions=AttributionService(client, generation, settings), model_name=name)
 
 
@@ -268,6 +277,49 @@ def create_app(settings: ServerSettings | None = None, engine: Engine | None = N
         svc.vectors.delete(name)
         return {"id": name, "object": "steering.vector", "deleted": True}
 
+    @app.post("/v1/steering/vectors/{name}/rename", dependencies=guarded)
+    async def rename_vector(name: str, req: VectorRename, svc: Services = Depends(services)):
+        return svc.vectors.rename(name, req)
+
+    @app.get("/v1/steering/vectors/{name}/gguf", dependencies=guarded)
+    async def export_vector_gguf(name: str, scale: float = 1.0, svc: Services = Depends(services)):
+        if not math.isfinite(scale):
+            raise APIError(400, "scale must be a finite number", "scale")
+        data, dropped = svc.vectors.export_gguf(name, scale)
+        headers = {"Content-Disposition": f'attachment; filename="{name}.gguf"'}
+        if dropped:
+            headers["X-Steerserve-Dropped-Layers"] = ",".join(map(str, dropped))
+        return Response(data, media_type="application/octet-stream", headers=headers)
+
+    @app.get("/v1/steering/methods", dependencies=guarded)
+    async def vector_methods(svc: Services = Depends(services)):
+        return svc.vectors.methods()
+
+    @app.post("/v1/steering/vectors/build", dependencies=guarded, status_code=202)
+    async def build_vector(req: VectorBuildRequest, svc: Services = Depends(services)):
+        return svc.vectors.build(req)
+
+    @app.post("/v1/steering/vectors/{name}/sweep", dependencies=guarded, status_code=202)
+    async def sweep_vector(name: str, req: VectorSweepRequest, svc: Services = Depends(services)):
+        return svc.vectors.sweep(name, req)
+
+    # -- jobs ------------------------------------------------------------------------------------------------------
+    @app.get("/v1/jobs", dependencies=guarded)
+    async def list_jobs(svc: Services = Depends(services)):
+        return svc.jobs.list()
+
+    @app.get("/v1/jobs/{job_id}", dependencies=guarded)
+    async def get_job(job_id: str, svc: Services = Depends(services)):
+        return svc.jobs.get(job_id)
+
+    @app.post("/v1/jobs/{job_id}/cancel", dependencies=guarded)
+    async def cancel_job(job_id: str, svc: Services = Depends(services)):
+        return svc.jobs.cancel(job_id)
+
+    @app.delete("/v1/jobs/{job_id}", dependencies=guarded)
+    async def delete_job(job_id: str, svc: Services = Depends(services)):
+        return svc.jobs.cancel(job_id)
+
     @app.post("/v1/steering/vectors", dependencies=guarded, status_code=201)
     async def upload_vector(request: Request, svc: Services = Depends(services)):
         ctype = request.headers.get("content-type", "")
@@ -307,17 +359,20 @@ async def _vector_from_form(request: Request):
         raise APIError(400, f"unknown form fields: {sorted(unknown)}; allowed: {sorted(allowed)}")
     name, upload = form.get("name"), form.get("file")
     if not isinstance(name, str) or upload is None or isinstance(upload, str):
-        raise APIError(400, "multipart upload needs a 'name' field and a 'file' (safetensors)", "file")
+        raise APIError(400, "multipart upload needs a 'name' field and a 'file' (safetensors, or a llama.cpp "
+                       "control-vector GGUF)", "file")
     data = await upload.read()
-    with tempfile.NamedTemporaryFile(suffix=".safetensors") as fh:
+    is_gguf = data[:4] == b"GGUF"
+    with tempfile.NamedTemporaryFile(suffix=".gguf" if is_gguf else ".safetensors") as fh:
         fh.write(data)
         fh.flush()
         try:
-            vec = SteeringVector.load(fh.name)
-        except SteeringValidationError:
-            raise
+            vec = import_controlvector(fh.name) if is_gguf else SteeringVector.load(fh.name)
+        except SteeringValidationError as exc:
+            label = getattr(upload, "filename", None) or "the uploaded file"
+            raise APIError(400, exc.message.replace(fh.name, label), "file") from exc
         except Exception as exc:  # noqa: BLE001 - any parse failure is the client's file
-            raise APIError(400, f"not a valid safetensors steering vector: {exc}", "file") from exc
+            raise APIError(400, f"not a valid safetensors or GGUF steering vector: {exc}", "file") from exc
     overwrite = str(form.get("overwrite", "false")).lower() in ("1", "true", "yes")
     desc = form.get("description")
     return name, vec, overwrite, desc if isinstance(desc, str) else None

@@ -47,6 +47,11 @@ class Metrics:
         self.attribution_seconds = Histogram("steerserve_attribution_compute_seconds", "Model time of an "
                                              "attribution.", lbl + ["method"], buckets=_E2E, registry=r)
 
+        self.job_outcomes = Counter("steerserve_jobs", "Background jobs (vector builds, sweeps) by type and outcome.",
+                                    lbl + ["type", "status"], registry=r)
+        self.job_seconds = Histogram("steerserve_job_compute_seconds", "Model time of a finished job.",
+                                     lbl + ["type"], buckets=_E2E + (900.0, 1800.0, 3600.0), registry=r)
+
     def bind(self, engine, registry) -> None:
         """Gauges read live state at scrape time."""
         m = self.model_name
@@ -82,3 +87,8 @@ class Metrics:
         self.attributions.labels(self.model_name, method, status).inc()
         if status == "ok":
             self.attribution_seconds.labels(self.model_name, method).observe(job_metrics.compute_seconds)
+
+    def job_done(self, type_: str, status: str, job_metrics) -> None:
+        self.job_outcomes.labels(self.model_name, type_, status).inc()
+        if status == "succeeded":
+            self.job_seconds.labels(self.model_name, type_).observe(job_metrics.compute_seconds)

@@ -392,6 +392,88 @@ class AttributionMethodList(BaseModel):
     data: list[AttributionMethodInfo]
 
 
+# -- vector building, sweeps and jobs ------------------------------------------------------------------------------
+class PreferenceExampleIn(Strict):
+    prompt: Annotated[str, Field(min_length=1)]
+    preferred: Annotated[str, Field(min_length=1)]
+    dispreferred: Annotated[str, Field(min_length=1)]
+
+
+class SweepSpec(Strict):
+    """Layers x scales scored on validation examples (binary: preferred against dispreferred)."""
+
+    scales: Annotated[list[float], Field(min_length=1, max_length=64)] = [0.25, 0.5, 1.0, 2.0]
+    layers: list[int] | None = None
+    relative: bool = True
+    """Scales are fractions of each layer's mean hidden-state norm (recorded when the vector was built)."""
+    normalize: bool = True
+    positions: Literal["all", "prompt", "generated"] | list[NonNegativeInt] = "all"
+    metric: Literal["accuracy", "margin"] = "accuracy"
+
+
+class VectorBuildRequest(Strict):
+    name: str
+    method: str = "grains"
+    examples: Annotated[list[PreferenceExampleIn], Field(min_length=1)]
+    params: dict[str, Any] = Field(default_factory=dict)
+    """The method's parameters (``GET /v1/steering/methods`` lists them)."""
+    validation: list[PreferenceExampleIn] | None = None
+    sweep: SweepSpec | None = None
+    overwrite: bool = False
+    description: str | None = None
+
+
+class VectorSweepRequest(Strict):
+    examples: Annotated[list[PreferenceExampleIn], Field(min_length=1)]
+    sweep: SweepSpec = SweepSpec()
+    params: dict[str, Any] | None = None
+    """How to encode the examples (prompt_format, system_prompt, separator); default: as the vector was built."""
+
+
+class VectorRename(Strict):
+    new_name: str
+    overwrite: bool = False
+
+
+class BuilderInfo(BaseModel):
+    name: str
+    summary: str
+    params: dict[str, Any]
+
+
+class BuilderList(BaseModel):
+    object: Literal["list"] = "list"
+    data: list[BuilderInfo]
+
+
+class JobError(BaseModel):
+    message: str
+    type: str
+    param: str | None = None
+
+
+class JobInfo(BaseModel):
+    id: str
+    object: Literal["job"] = "job"
+    type: str
+    status: Literal["queued", "running", "succeeded", "failed", "cancelled"]
+    stage: str | None = None
+    progress: float | None = None
+    """Fraction of the current stage done (0..1), when known."""
+    eta_seconds: float | None = None
+    created_at: int
+    started_at: int | None = None
+    finished_at: int | None = None
+    compute_seconds: float
+    result: dict[str, Any] | None = None
+    error: JobError | None = None
+
+
+class JobList(BaseModel):
+    object: Literal["list"] = "list"
+    data: list[JobInfo]
+
+
 class ErrorBody(BaseModel):
     message: str
     type: str

@@ -50,17 +50,30 @@ from server.protocol import (
     TokenLogprobEntry,
     TopLogprob,
     Usage,
+    BuilderInfo,
+    BuilderList,
+    JobError,
+    JobInfo,
+    JobList,
+    SweepSpec,
+    VectorBuildRequest,
     VectorInfo,
     VectorList,
+    VectorRename,
+    VectorSweepRequest,
     new_id,
 )
 from server.settings import ServerSettings
 from steering import attribution as attr
+from steering import builders
+from steering.datasets import PreferenceExample
+from steering.gguf_vectors import export_controlvector
+from steering.jobs import JobCancelledError, JobHandle
 from steering.engine import Engine, GenerationRequest, RequestHandle, RequestOutput
 from steering.errors import EngineError, RequestValidationError
 from steering.loading import LoadedModel
 from steering.prompts import encode_chat, encode_text
-from steering.registry import VectorRegistry
+from steering.registry import VectorRegistry, check_name
 from steering.sampling import SamplingParams, TokenLogprob
 from steering.spec import SteeringApplication, SteeringSpec
 from steering.vectors import SteeringVector
@@ -84,6 +97,8 @@ class EngineClient:
     def __init__(self, lm: LoadedModel, engine: Engine, registry: VectorRegistry, metrics: Metrics,
                  settings: ServerSettings) -> None:
         self.lm, self.engine, self.registry, self.metrics, self.settings = lm, engine, registry, metrics, settings
+        self.build_limits = builders.BuildLimits(max_examples=settings.build_max_examples,
+                                                 max_sweep_rows=settings.build_max_sweep_rows)
 
     def steering_spec(self, req: SteeringRequest | None) -> SteeringSpec | None:
         if req is None:
@@ -432,9 +447,109 @@ class TokenizerService:
         return DetokenizeResponse(prompt=self.lm.tokenizer.decode(req.tokens))
 
 
+class JobService:
+    """Background jobs (vector builds, sweeps): submitted to the engine, tracked here, polled by id.
+
+    A job's result is post-processed on the event loop (a build saves its vector) before it reports
+    ``succeeded``. Finished jobs are kept (the most recent ``keep`` of them) so clients can read them later."""
+
+    def __init__(self, client: EngineClient, keep: int = 256) -> None:
+        self.client = client
+        self.keep = keep
+        self._jobs: dict[str, _JobRecord] = {}
+
+    def submit(self, type_: str, work, finish) -> JobInfo:
+        """``finish(result) -> dict`` turns the core result into the job's JSON result (and may save it)."""
+        engine = self.client.engine
+        try:
+            handle = engine.submit_job(work, type_, loop=asyncio.get_running_loop())
+        except EngineError as exc:
+            api = from_engine_error(exc, self.client.settings.retry_after_seconds)
+            self.client.metrics.rejected("queue_full" if api.status == 503 else "invalid_request")
+            raise api from exc
+        rec = _JobRecord(handle, type_, time.time())
+        self._jobs[handle.job_id] = rec
+        rec.task = asyncio.ensure_future(self._finish(rec, finish))
+        self._prune()
+        return self.info(rec)
+
+    async def _finish(self, rec: "_JobRecord", finish) -> None:
+        try:
+            result = await rec.handle.aresult()
+            rec.result = finish(result)
+            rec.status = "succeeded"
+        except JobCancelledError:
+            rec.status = "cancelled"
+        except EngineError as exc:
+            api = from_engine_error(exc)
+            rec.status, rec.error = "failed", JobError(message=api.message, type=api.type, param=api.param)
+        except Exception as exc:  # noqa: BLE001 - a failing job fails only itself
+            rec.status, rec.error = "failed", JobError(message=str(exc), type="server_error")
+        finally:
+            rec.finished_at = time.time()
+            self.client.metrics.job_done(rec.type, rec.status, rec.handle.metrics)
+
+    def _prune(self) -> None:
+        done = [k for k, r in self._jobs.items() if r.status not in ("queued", "running")]
+        for k in done[: max(0, len(done) - self.keep)]:
+            del self._jobs[k]
+
+    def _get(self, job_id: str) -> "_JobRecord":
+        rec = self._jobs.get(job_id)
+        if rec is None:
+            raise APIError(404, f"job {job_id!r} not found", "job_id")
+        return rec
+
+    def info(self, rec: "_JobRecord") -> JobInfo:
+        h, m = rec.handle, rec.handle.metrics
+        started = None if m.start_time is None else rec.created + (m.start_time - m.arrival_time)
+        status = rec.status
+        if status == "running" and m.start_time is None:
+            status = "queued"
+        progress = h.progress.overall()
+        eta = None
+        if status == "running" and progress and m.start_time is not None:
+            elapsed = time.monotonic() - m.start_time
+            eta = round(elapsed * (1 - progress) / progress, 1)
+        if status == "running" and h.done():
+            stage = "saving"
+        else:
+            stage = h.progress.stage or None
+        if status == "succeeded":
+            progress, eta = 1.0, 0.0
+        return JobInfo(id=h.job_id, type=rec.type, status=status, stage=stage,
+                       progress=None if progress is None else round(progress, 4), eta_seconds=eta,
+                       created_at=int(rec.created), started_at=None if started is None else int(started),
+                       finished_at=None if rec.finished_at is None else int(rec.finished_at),
+                       compute_seconds=round(m.compute_seconds, 3), result=rec.result, error=rec.error)
+
+    def get(self, job_id: str) -> JobInfo:
+        return self.info(self._get(job_id))
+
+    def list(self) -> JobList:
+        return JobList(data=[self.info(r) for r in self._jobs.values()])
+
+    def cancel(self, job_id: str) -> JobInfo:
+        rec = self._get(job_id)
+        rec.handle.cancel()
+        return self.info(rec)
+
+
+@dataclass
+class _JobRecord:
+    handle: JobHandle
+    type: str
+    created: float
+    status: str = "running"
+    result: dict | None = None
+    error: JobError | None = None
+    finished_at: float | None = None
+    task: asyncio.Future | None = None
+
+
 class VectorService:
-    def __init__(self, registry: VectorRegistry) -> None:
-        self.registry = registry
+    def __init__(self, client: EngineClient, registry: VectorRegistry, jobs: JobService) -> None:
+        self.client, self.registry, self.jobs, self.lm = client, registry, jobs, client.lm
 
     @staticmethod
     def info(vec: SteeringVector) -> VectorInfo:
@@ -456,6 +571,70 @@ class VectorService:
 
     def delete(self, name: str) -> None:
         self.registry.delete(name)
+
+    def rename(self, name: str, req: VectorRename) -> VectorInfo:
+        return self.info(self.registry.rename(name, req.new_name, req.overwrite))
+
+    @staticmethod
+    def methods() -> BuilderList:
+        return BuilderList(data=[BuilderInfo(name=b.name, summary=b.summary, params=b.Params.model_json_schema())
+                                 for b in (builders.BUILDERS[n] for n in builders.builder_names())])
+
+    @staticmethod
+    def _examples(items) -> list[PreferenceExample]:
+        return [PreferenceExample(e.prompt, e.preferred, e.dispreferred) for e in items]
+
+    @staticmethod
+    def _sweep_config(spec: SweepSpec) -> builders.SweepConfig:
+        return builders.SweepConfig(scales=list(spec.scales), layers=spec.layers, relative=spec.relative,
+                                    normalize=spec.normalize, metric=spec.metric,
+                                    positions=spec.positions if isinstance(spec.positions, str)
+                                    else tuple(spec.positions))
+
+    def build(self, req: VectorBuildRequest) -> JobInfo:
+        check_name(req.name)
+        if req.name in self.registry and not req.overwrite:
+            raise APIError(409, f"steering vector {req.name!r} already exists (set overwrite to replace it)", "name")
+        core = builders.BuildRequest(
+            examples=self._examples(req.examples), method=req.method, params=req.params,
+            validation=self._examples(req.validation) if req.validation else None,
+            sweep=self._sweep_config(req.sweep) if req.sweep else None)
+        prep = builders.prepare_build(self.lm, core, self.client.build_limits)
+
+        def finish(result: builders.BuildResult) -> dict:
+            vec = result.vector
+            vec.metadata["source"] = "build"
+            if req.description:
+                vec.metadata["description"] = req.description
+            saved = self.registry.put(req.name, vec, overwrite=req.overwrite)
+            return {"vector": self.info(saved).model_dump(),
+                    "sweep": result.sweep.as_dict() if result.sweep else None,
+                    "seconds": round(result.seconds, 3)}
+
+        return self.jobs.submit("vector_build", prep.work, finish)
+
+    def sweep(self, name: str, req: VectorSweepRequest) -> JobInfo:
+        vec = self.registry.get(name)
+        cfg = self._sweep_config(req.sweep)
+        data = builders.encode(self.lm, self._examples(req.examples), builders.encoding(vec, req.params))
+        builders.check_sweep(self.lm, vec, cfg, len(data), self.client.build_limits)
+        return self.jobs.submit("vector_sweep", lambda ctx: builders.sweep_work(ctx, vec, data, cfg),
+                                lambda res: res.as_dict())
+
+    def export_gguf(self, name: str, scale: float) -> tuple[bytes, list[int]]:
+        """The vector as a llama.cpp control vector (layer 0, which llama.cpp cannot steer, is left out)."""
+        import tempfile
+
+        vec = self.registry.get(name)
+        kept = {layer: v for layer, v in vec.values.items() if layer > 0}
+        if not kept:
+            raise APIError(400, "the vector has only layer 0, which llama.cpp control vectors cannot hold", "name")
+        hint = (vec.metadata.get("model") or {}).get("model_type") or "llama"
+        with tempfile.TemporaryDirectory() as d:
+            path = f"{d}/{name}.gguf"
+            export_controlvector(SteeringVector(kept, name=name), path, model_hint=hint, scale=scale)
+            with open(path, "rb") as fh:
+                return fh.read(), sorted(set(vec.values) - set(kept))
 
 
 class AttributionService:

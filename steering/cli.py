@@ -10,43 +10,21 @@ from typing import Annotated, Optional
 import typer
 from rich.console import Console
 
+from steering.cli_common import (
+    DeviceOpt,
+    DtypeOpt,
+    ModelOpt,
+    _load,
+    _parse_layers,
+    _parse_params,
+    _parse_positions,
+    console,
+)
+from steering.cli_vectors import app as vectors_app
+
 app = typer.Typer(add_completion=False, no_args_is_help=True,
                   help="steerserve: inference-time steering for language models.")
-console = Console(stderr=True)
-
-ModelOpt = Annotated[Optional[str], typer.Option(
-    "--model", "-m", envvar="STEERSERVE_MODEL",
-    help="Hugging Face model directory or .gguf file; default: the embedded SmolLM2-135M-Instruct.")]
-DeviceOpt = Annotated[str, typer.Option(envvar="STEERSERVE_DEVICE", help="auto, cpu, cuda, cuda:N")]
-DtypeOpt = Annotated[str, typer.Option(envvar="STEERSERVE_DTYPE", help="auto (bf16/fp16 on GPU, fp32 on CPU), "
-                                                                       "float32, bfloat16, float16")]
-
-
-def _parse_layers(text: str | None) -> list[int] | None:
-    if not text:
-        return None
-    out: list[int] = []
-    for part in text.split(","):
-        part = part.strip()
-        if "-" in part:
-            a, b = part.split("-", 1)
-            out.extend(range(int(a), int(b) + 1))
-        elif part:
-            out.append(int(part))
-    return out
-
-
-def _parse_positions(text: str):
-    if text in ("all", "prompt", "generated"):
-        return text
-    return [int(p) for p in text.split(",") if p.strip()]
-
-
-def _load(model, device, dtype):
-    from steering.loading import load_model
-
-    with console.status("loading model (the first run converts the default model once, ~30 s)..."):
-        return load_model(model, device=device, dtype=dtype)
+app.add_typer(vectors_app, name="vectors")
 
 
 @app.command()
@@ -107,22 +85,6 @@ def generate(
         raise typer.Exit(2) from exc
     finally:
         engine.shutdown()
-
-
-def _parse_params(items: list[str]) -> dict:
-    """``key=value`` pairs; values are read as JSON when they parse (numbers, true/false, null), else text."""
-    import json
-
-    out = {}
-    for item in items:
-        key, sep, value = item.partition("=")
-        if not sep or not key:
-            raise typer.BadParameter(f"expected key=value, got {item!r}", param_hint="--param")
-        try:
-            out[key] = json.loads(value)
-        except json.JSONDecodeError:
-            out[key] = value
-    return out
 
 
 @app.command()

@@ -41,6 +41,7 @@ from steering.hooks import SteeringBatch, SteeringHooks, StepSteering
 from steering.jobs import JobHandle, Work, _Job, advance, close
 from steering.kv_cache import SlotKVCache
 from steering.loading import LoadedModel
+from steering.packing import AttentionMasks
 from steering.sampling import RowSampling, SamplingParams, TokenLogprob, make_generator, sample
 from steering.spec import ResolvedApplication, SteeringSpec, resolve
 
@@ -234,17 +235,7 @@ class Engine:
         self.model = lm.model
         self.base = lm.model.base_model
         self.lm_head = lm.model.get_output_embeddings()
-        text_cfg = lm.model.config.get_text_config() if hasattr(lm.model.config, "get_text_config") else lm.model.config
-        # Sliding-window attention: per-layer masks (Gemma 2/3, Qwen2 with windows) or one windowed mask
-        # (Mistral); our 4-D masks replace the model's own, so they must carry the window themselves.
-        window = getattr(text_cfg, "sliding_window", None)
-        layer_types = getattr(text_cfg, "layer_types", None) or []
-        self._window = int(window) if window else None
-        self._window_mode = (
-            None if self._window is None
-            else "per_layer" if "sliding_attention" in layer_types
-            else None if layer_types else "all"
-        )
+        self._masks = AttentionMasks(lm)
         self.vocab_size = int(self.lm_head.weight.shape[0])
         tok = lm.tokenizer
         pad = tok.pad_token_id if tok.pad_token_id is not None else tok.eos_token_id
@@ -466,20 +457,8 @@ class Engine:
     def _mask(self, q_pos: torch.Tensor, kv_len: int):
         """Additive attention mask [n, 1, Q, kv_len] for queries at absolute positions ``q_pos`` [n, Q] over
         keys at positions 0..kv_len-1 (causal, and windowed where the model uses sliding windows)."""
-        k = torch.arange(kv_len, device=q_pos.device).view(1, 1, kv_len)
-        q = q_pos.unsqueeze(-1)  # [n, Q, 1]
-        keep = k <= q
-        full = self._additive(keep)
-        if self._window_mode is None:
-            return full
-        windowed = self._additive(keep & (k > q - self._window))
-        return {"full_attention": full, "sliding_attention": windowed} if self._window_mode == "per_layer" \
-            else windowed
-
-    def _additive(self, keep: torch.Tensor) -> torch.Tensor:
-        dt = self.lm.dtype
-        mask = torch.zeros(keep.shape, device=keep.device, dtype=dt).masked_fill_(~keep, torch.finfo(dt).min)
-        return mask.unsqueeze(1)
+        k = torch.arange(kv_len, device=q_pos.device).expand(q_pos.shape[0], kv_len)
+        return self._masks(k.unsqueeze(1) <= q_pos.unsqueeze(-1), q_pos, k)
 
     def _full_forward(self, seqs: Sequence[_Sequence], use_cache: bool) -> torch.Tensor:
         """Forward whole sequences (prefill or cache-free step); return last-position logits [n, vocab]."""

@@ -14,7 +14,7 @@ bit-for-bit unchanged.
 from __future__ import annotations
 
 import contextlib
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 
 import torch
@@ -137,22 +137,39 @@ class StepSteering:
 
 
 class SteeringHooks:
-    """Forward hooks on every decoder layer, installed once; they act only while a step is active."""
+    """Forward hooks on every decoder layer, installed once; they act only while a step is active, and hand each
+    layer's output (after steering) to a capture function while one is set (activation collection)."""
 
     def __init__(self, layers: nn.ModuleList) -> None:
         self._step: StepSteering | None = None
+        self._capture: Callable[[int, torch.Tensor], None] | None = None
         self._handles = [layer.register_forward_hook(self._make_hook(i)) for i, layer in enumerate(layers)]
 
     def _make_hook(self, index: int):
         def hook(module: nn.Module, args, output):
-            step = self._step
-            if step is None or index not in step.batch.tables:
+            step, capture = self._step, self._capture
+            steer = step is not None and index in step.batch.tables
+            if not steer and capture is None:
                 return None
-            if isinstance(output, tuple):
-                return (step.apply(index, output[0]),) + tuple(output[1:])
-            return step.apply(index, output)
+            h = output[0] if isinstance(output, tuple) else output
+            if steer:
+                h = step.apply(index, h)
+            if capture is not None:
+                capture(index, h)
+            if not steer:
+                return None
+            return (h,) + tuple(output[1:]) if isinstance(output, tuple) else h
 
         return hook
+
+    @contextlib.contextmanager
+    def capturing(self, fn: Callable[[int, torch.Tensor], None]) -> Iterator[None]:
+        """Call ``fn(layer_index, hidden)`` with every decoder layer's output during the enclosed forwards."""
+        self._capture = fn
+        try:
+            yield
+        finally:
+            self._capture = None
 
     @contextlib.contextmanager
     def active(self, step: StepSteering | None) -> Iterator[None]:
@@ -168,3 +185,4 @@ class SteeringHooks:
             h.remove()
         self._handles.clear()
         self._step = None
+        self._capture = None

@@ -40,6 +40,26 @@ class Progress:
     done: int
     total: int | None = None
     stage: str = ""
+    fraction: float | None = None
+    """Of the whole job (0..1), when the job can estimate it; else done / total is the stage's."""
+
+    def overall(self) -> float | None:
+        if self.fraction is not None:
+            return self.fraction
+        return self.done / self.total if self.total else None
+
+
+def scaled(gen: Generator[Progress | None, None, T], start: float, end: float) -> Generator[Progress, None, T]:
+    """Run a job sub-generator, mapping its stage progress onto [start, end] of the whole job."""
+    try:
+        item = next(gen)
+        while True:
+            if isinstance(item, Progress):
+                f = item.overall() or 0.0  # a nested scaled() already gives the sub-job's own fraction
+                item = Progress(item.done, item.total, item.stage, start + (end - start) * min(1.0, f))
+            item = gen.send((yield item))
+    except StopIteration as stop:
+        return stop.value
 
 
 @dataclass

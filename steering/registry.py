@@ -13,7 +13,7 @@ import os
 import re
 import threading
 import time
-from dataclasses import dataclass
+from dataclasses import asdict, dataclass
 from pathlib import Path
 
 from steering.errors import EngineError, SteeringValidationError
@@ -21,6 +21,7 @@ from steering.vectors import SteeringVector
 
 log = logging.getLogger(__name__)
 
+DEFAULT_VECTOR_DIR = Path.home() / ".local" / "share" / "steerserve" / "vectors"
 NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,127}$")
 SUFFIX = ".safetensors"
 
@@ -32,15 +33,36 @@ class VectorNotFoundError(EngineError, KeyError):
         return self.message
 
 
+class ModelMismatchError(SteeringValidationError):
+    """The vector was built for a different model."""
+
+
 class VectorExistsError(EngineError):
     """A vector of that name already exists (and overwrite was not asked for)."""
 
 
 @dataclass(frozen=True)
 class ModelIdentity:
+    """What a vector records of the model it was built for; a vector is refused by a model that differs."""
+
     name: str
     hidden_size: int
     num_layers: int
+    model_type: str | None = None
+    vocab_size: int | None = None
+
+    @classmethod
+    def of(cls, lm) -> "ModelIdentity":
+        return cls(lm.name, lm.hidden_size, lm.num_layers, getattr(lm.model.config, "model_type", None),
+                   int(lm.model.get_input_embeddings().weight.shape[0]))
+
+    def as_dict(self) -> dict:
+        return asdict(self)
+
+    def mismatches(self, other: dict) -> list[str]:
+        """The fields of a recorded identity that differ from this one (fields it lacks are not compared)."""
+        return [f"{k} {other[k]!r} (loaded: {v!r})" for k, v in self.as_dict().items()
+                if other.get(k) is not None and v is not None and other[k] != v]
 
 
 def check_name(name: str) -> str:
@@ -53,7 +75,8 @@ def check_name(name: str) -> str:
 
 
 class VectorRegistry:
-    def __init__(self, root: str | os.PathLike, model: ModelIdentity) -> None:
+    def __init__(self, root: str | os.PathLike, model: ModelIdentity | None) -> None:
+        """``model`` None: no model is loaded (CLI housekeeping); vectors are then checked only for shape."""
         self.root = Path(root)
         self.model = model
         self._vectors: dict[str, SteeringVector] = {}
@@ -61,16 +84,17 @@ class VectorRegistry:
         self.skipped: dict[str, str] = {}  # file name -> why it was not loaded
 
     def _check(self, vec: SteeringVector) -> None:
-        vec.validate(self.model.hidden_size, self.model.num_layers)
+        if self.model is None:
+            vec.validate(vec.hidden_size if vec.values else 0, max(vec.values, default=0) + 1)
+            return
         built_for = vec.metadata.get("model")
         if isinstance(built_for, dict):
-            hs, nl = built_for.get("hidden_size"), built_for.get("num_layers")
-            if (hs is not None and hs != self.model.hidden_size) or (nl is not None and nl != self.model.num_layers):
-                raise SteeringValidationError(
-                    f"vector was built for model {built_for.get('name')!r} (hidden size {hs}, {nl} layers); "
-                    f"the loaded model {self.model.name!r} has hidden size {self.model.hidden_size} and "
-                    f"{self.model.num_layers} layers"
-                )
+            diff = self.model.mismatches(built_for)
+            if diff:
+                raise ModelMismatchError(
+                    f"vector was built for another model: {', '.join(diff)}; build it again for "
+                    f"{self.model.name!r} or remove its 'model' metadata if you know it fits", param="model")
+        vec.validate(self.model.hidden_size, self.model.num_layers)
 
     def load_all(self) -> int:
         """(Re)load every vector file in the directory; return how many were loaded."""
@@ -115,8 +139,8 @@ class VectorRegistry:
         vector.name = name
         self._check(vector)
         vector.metadata.setdefault("created_at", time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()))
-        vector.metadata.setdefault("model", {"name": self.model.name, "hidden_size": self.model.hidden_size,
-                                             "num_layers": self.model.num_layers})
+        if self.model is not None:
+            vector.metadata.setdefault("model", self.model.as_dict())
         with self._lock:
             if name in self._vectors and not overwrite:
                 raise VectorExistsError(f"steering vector {name!r} already exists", param="name")
@@ -130,3 +154,22 @@ class VectorRegistry:
                 raise VectorNotFoundError(f"steering vector {name!r} not found", param="name")
             (self.root / f"{name}{SUFFIX}").unlink(missing_ok=True)
             del self._vectors[name]
+
+    def rename(self, name: str, new_name: str, overwrite: bool = False) -> SteeringVector:
+        """Rename atomically (one rename of the file); the vector keeps its values and metadata."""
+        check_name(new_name)
+        with self._lock:
+            vec = self.get(name)
+            if new_name == name:
+                return vec
+            if new_name in self._vectors and not overwrite:
+                raise VectorExistsError(f"steering vector {new_name!r} already exists", param="new_name")
+            os.replace(self.root / f"{name}{SUFFIX}", self.root / f"{new_name}{SUFFIX}")
+            del self._vectors[name]
+            vec.name = new_name
+            self._vectors[new_name] = vec
+        return vec
+
+    def path(self, name: str) -> Path:
+        self.get(name)
+        return self.root / f"{name}{SUFFIX}"

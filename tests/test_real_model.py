@@ -106,3 +106,28 @@ def test_attribution_on_default_model(real_lm, tmp_path):
                                                          "method": "input_x_gradient"}, timeout=300).json()
         assert gen["generated_target"] and len(gen["matrix"]) == len(gen["target"]) <= 4
         assert gen["input_tokens"][0]["special"]  # <|im_start|>
+
+
+def test_grains_build_and_sweep_on_default_model(real_lm):
+    """GrAInS on a few TruthfulQA rows (building split) with a sweep on others: unit vectors for every layer,
+    hidden norms growing with depth as SmolLM2's do, and a sweep that changes the unsteered scores."""
+    from pathlib import Path
+
+    from steering.builders import BuildRequest, SweepConfig, build
+    from steering.datasets import load_examples
+
+    data = Path(__file__).parents[1].parent / "shared" / "data" / "truthfulqa_dev.csv"
+    if not data.exists():
+        pytest.skip("../shared/data/truthfulqa_dev.csv is not beside the project")
+    res = build(real_lm, BuildRequest(load_examples(data, "0-3"), "grains", {"k": 5, "n_steps": 4},
+                                      validation=load_examples(data, "200-203"),
+                                      sweep=SweepConfig(scales=[0.5], layers=[10, 20])))
+    vec = res.vector
+    assert vec.layers == list(range(30))
+    assert all(abs(float(v.norm()) - 1) < 1e-4 for v in vec.values.values())
+    norms = [vec.metadata["hidden_norms"][str(i)] for i in range(30)]
+    assert norms[29] > 5 * norms[0]
+    sel = vec.metadata["info"]["selections"]
+    assert len(sel) == 4 and all(len(s["pos"]) <= 5 and len(s["neg"]) <= 5 for s in sel)
+    assert len(res.sweep.table) == 2
+    assert any(abs(r["margin"] - res.sweep.baseline["margin"]) > 1e-3 for r in res.sweep.table)

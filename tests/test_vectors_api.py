@@ -1,0 +1,154 @@
+"""Vector building over real HTTP: build jobs with progress and cancellation, the built vector usable by name at
+once, sweeps, rename, GGUF export/import, and errors in the OpenAI envelope."""
+
+from __future__ import annotations
+
+import threading
+import time
+
+import httpx
+import openai
+import pytest
+from server_util import live_server
+
+from clients import SteerClient, SteerServeError, steering
+from steering.engine import Engine, EngineConfig
+
+EXAMPLES = [
+    {"prompt": "What is the capital of France?", "preferred": "Paris", "dispreferred": "Berlin"},
+    {"prompt": "I love this movie, it is", "preferred": "wonderful and happy", "dispreferred": "awful and sad"},
+    {"prompt": "The quick brown fox", "preferred": "jumps over the lazy dog", "dispreferred": "is sad"},
+]
+
+
+@pytest.fixture(scope="module")
+def server(tiny_lm, tmp_path_factory):
+    engine = Engine(tiny_lm, EngineConfig(max_batch_size=8, job_chunk_tokens=128)).start()
+    with live_server(engine, vector_dir=tmp_path_factory.mktemp("vectors"), job_chunk_tokens=128) as (url, app):
+        yield url, app
+    engine.shutdown()
+
+
+@pytest.fixture(scope="module")
+def client(server):
+    return SteerClient(server[0])
+
+
+def test_build_job_progress_then_vector_usable_at_once(server, client, tiny_lm):
+    url, _ = server
+    job = client.build_vector("grains-1", EXAMPLES * 3, params={"k": 3, "n_steps": 48}, validation=EXAMPLES,
+                              sweep={"scales": [0.5, 1.0], "layers": [1, 2]}, description="test")
+    assert job["object"] == "job" and job["type"] == "vector_build" and job["status"] in ("queued", "running")
+    seen = []
+    done = client.wait(job["id"], poll=0.02, on_progress=seen.append)
+    assert done["status"] == "succeeded", done["error"]
+    running = [j for j in seen if j["status"] == "running" and j["progress"] is not None]
+    assert running and any(j["stage"] == "attribution" for j in running)
+    fractions = [j["progress"] for j in running]
+    assert fractions == sorted(fractions) and all(0 <= f <= 1 for f in fractions)
+    assert any(j["eta_seconds"] is not None for j in running)
+    assert done["progress"] == 1.0 and done["finished_at"] >= done["created_at"] and done["compute_seconds"] > 0
+    result = done["result"]
+    assert result["vector"]["name"] == "grains-1" and result["vector"]["metadata"]["method"] == "grains"
+    assert result["vector"]["metadata"]["description"] == "test"
+    assert len(result["sweep"]["table"]) == 4 and result["sweep"]["best"] in result["sweep"]["table"]
+    # usable by name at once, through the OpenAI SDK
+    oa = openai.OpenAI(base_url=url + "/v1", api_key="x", max_retries=0)
+    kw = dict(model=tiny_lm.name, prompt="The quick brown", max_tokens=8, temperature=0)
+    plain = oa.completions.create(**kw).choices[0].text
+    steered = oa.completions.create(**kw, extra_body=steering({"name": "grains-1", "scale": 200, "layers": [1]}))
+    assert steered.choices[0].text != plain
+    assert client.get_vector("grains-1")["metadata"]["sweep"]["examples"] == 3
+    assert any(j["id"] == job["id"] for j in client.jobs())
+    from prometheus_client.parser import text_string_to_metric_families
+
+    samples = [s for f in text_string_to_metric_families(httpx.get(url + "/metrics").text) for s in f.samples
+               if s.name == "steerserve_jobs_total"]
+    assert any(s.labels["type"] == "vector_build" and s.labels["status"] == "succeeded" and s.value >= 1
+               for s in samples)
+
+
+def test_generation_is_served_while_a_build_runs_and_cancel(server, client, tiny_lm):
+    url, _ = server
+    job = client.build_vector("slow", EXAMPLES * 20, params={"n_steps": 256})
+    while client.job(job["id"])["status"] == "queued":
+        time.sleep(0.01)
+    t0 = time.monotonic()
+    r = httpx.post(url + "/v1/completions", json={"model": tiny_lm.name, "prompt": "Hello", "max_tokens": 8,
+                                                  "temperature": 0}, timeout=60)
+    assert r.status_code == 200 and time.monotonic() - t0 < 30
+    assert client.job(job["id"])["status"] == "running", "the completion waited for the build"
+    cancelled = client.cancel_job(job["id"])
+    assert cancelled["id"] == job["id"]
+    final = client.wait(job["id"], poll=0.02, timeout=60)
+    assert final["status"] == "cancelled" and final["result"] is None
+    assert "slow" not in [v["name"] for v in client.list_vectors()]
+
+
+def test_build_errors(server, client):
+    url, _ = server
+    cases = [
+        ({"name": "x", "examples": EXAMPLES, "method": "nope"}, "unknown vector method", "method"),
+        ({"name": "x", "examples": EXAMPLES, "params": {"kk": 1}}, "kk: unknown parameter", "params.kk"),
+        ({"name": "x", "examples": EXAMPLES, "sweep": {"scales": [1]}}, "needs validation", "validation"),
+        ({"name": "x", "examples": []}, "examples", None),
+        ({"name": "bad name!", "examples": EXAMPLES}, "a vector name is", "name"),
+        ({"name": "x", "examples": EXAMPLES, "metod": "caa"}, "unknown field", None),
+        ({"name": "x", "examples": [{"prompt": "a", "preferred": "b"}]}, "dispreferred", None),
+    ]
+    for body, msg, param in cases:
+        r = httpx.post(url + "/v1/steering/vectors/build", json=body)
+        assert r.status_code == 400, (body, r.text)
+        err = r.json()["error"]
+        assert msg in err["message"] and err["type"] == "invalid_request_error"
+        if param:
+            assert err["param"] == param
+    job = client.build_vector("dup", EXAMPLES, method="caa")
+    assert client.wait(job["id"], poll=0.02)["status"] == "succeeded"
+    with pytest.raises(SteerServeError) as exc:
+        client.build_vector("dup", EXAMPLES, method="caa")
+    assert exc.value.status == 409
+    assert httpx.get(url + "/v1/jobs/job-nope").status_code == 404
+    methods = {m["name"]: m for m in client.build_methods()}
+    assert set(methods) == {"caa", "grains", "pca", "probe"} and "k" in methods["grains"]["params"]["properties"]
+
+
+def test_sweep_rename_and_gguf(server, client, tiny_lm, tmp_path):
+    url, _ = server
+    job = client.build_vector("caa-1", EXAMPLES, method="caa", params={"layers": [1, 2, 3]})
+    assert client.wait(job["id"], poll=0.02)["status"] == "succeeded"
+    sw = client.wait(client.sweep_vector("caa-1", EXAMPLES, scales=[1.0], layers=[2])["id"], poll=0.02)
+    assert sw["status"] == "succeeded" and len(sw["result"]["table"]) == 1
+    bad = httpx.post(url + "/v1/steering/vectors/caa-1/sweep", json={"examples": EXAMPLES, "sweep": {"layers": [0]}})
+    assert bad.status_code == 400 and "no values for layers [0]" in bad.json()["error"]["message"]
+    client.rename_vector("caa-1", "caa-2")
+    assert httpx.get(url + "/v1/steering/vectors/caa-1").status_code == 404
+    dropped = client.export_gguf("caa-2", tmp_path / "c.gguf", scale=3)
+    assert dropped == []
+    up = client.upload_vector_file("from-gguf", tmp_path / "c.gguf")
+    assert up["layers"] == [1, 2, 3] and up["metadata"]["source"] == "gguf"
+    assert up["norms"]["2"] == pytest.approx(3.0, rel=1e-5)
+    r = httpx.post(url + "/v1/steering/vectors/caa-2/rename", json={"new_name": "from-gguf"})
+    assert r.status_code == 409
+    garbage = httpx.post(url + "/v1/steering/vectors", data={"name": "junk"},
+                         files={"file": ("x.gguf", b"GGUF\x03\x00\x00\x00garbage", "application/octet-stream")})
+    err = garbage.json()["error"]
+    assert garbage.status_code == 400 and err["param"] == "file" and "x.gguf" in err["message"]
+    assert "/tmp" not in err["message"]
+
+
+def test_concurrent_builds_all_finish(server, client):
+    jobs = [client.build_vector(f"par-{i}", EXAMPLES, method=m, overwrite=True)
+            for i, m in enumerate(["caa", "pca", "probe", "grains"])]
+    results = {}
+
+    def wait(j):
+        results[j["id"]] = client.wait(j["id"], poll=0.02, timeout=120)["status"]
+
+    threads = [threading.Thread(target=wait, args=(j,)) for j in jobs]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert set(results.values()) == {"succeeded"}
+    assert {f"par-{i}" for i in range(4)} <= {v["name"] for v in client.list_vectors()}
