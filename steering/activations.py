@@ -14,7 +14,7 @@ import torch
 
 from steering.jobs import JobContext, Progress
 from steering.packing import Segment, pack
-from steering.scoring import chunks, pad_id, packed_forward
+from steering.scoring import chunks, packed_forward
 
 
 def collect(ctx: JobContext, rows: Sequence[Sequence[Segment]], groups: Sequence[Sequence[Sequence[int]]],
@@ -30,26 +30,25 @@ def collect(ctx: JobContext, rows: Sequence[Sequence[Segment]], groups: Sequence
         offsets.append(offsets[-1] + len(g))
     out = {layer: torch.zeros(offsets[-1], lm.hidden_size) for layer in layers}
     lengths = [sum(len(s.ids) for s in r) for r in rows]
-    pad = pad_id(lm)
     done = 0
     for idx in chunks(lengths, ctx.chunk_tokens):
-        batch = pack([rows[i] for i in idx], pad, lm.device)
+        batch = pack([rows[i] for i in idx], lm.pad_id, lm.device)
         L = batch.ids.shape[1]
-        flat, grp = [], []
+        flat, local = [], []  # token index in the batch, and its group's index within this chunk
         for r, i in enumerate(idx):
             for g, tokens in enumerate(groups[i]):
                 flat.extend(r * L + t for t in tokens)
-                grp.extend([offsets[i] + g] * len(tokens))
+                local.extend([offsets[i] - offsets[idx[0]] + g] * len(tokens))
         flat_t = torch.tensor(flat, device=lm.device, dtype=torch.long)
-        grp_t = torch.tensor(grp, dtype=torch.long)
-        counts = torch.zeros(offsets[-1]).index_add_(0, grp_t, torch.ones(len(grp)))
-        members = sorted(set(grp))
+        local_t = torch.tensor(local, dtype=torch.long)
+        first, n_groups = offsets[idx[0]], offsets[idx[-1] + 1] - offsets[idx[0]]
+        counts = torch.zeros(n_groups).index_add_(0, local_t, torch.ones(len(local))).clamp_min_(1).unsqueeze(-1)
 
         def capture(layer: int, h: torch.Tensor) -> None:
             if layer in wanted:
                 sel = h.flatten(0, 1)[flat_t].to("cpu", torch.float32)
-                acc = torch.zeros(offsets[-1], h.shape[-1]).index_add_(0, grp_t, sel)
-                out[layer][members] = acc[members] / counts[members].unsqueeze(-1)
+                acc = torch.zeros(n_groups, h.shape[-1]).index_add_(0, local_t, sel)
+                out[layer][first:first + n_groups] = acc / counts
 
         packed_forward(ctx, batch, capture=capture)
         done += len(idx)

@@ -237,9 +237,7 @@ class Engine:
         self.lm_head = lm.model.get_output_embeddings()
         self._masks = AttentionMasks(lm)
         self.vocab_size = int(self.lm_head.weight.shape[0])
-        tok = lm.tokenizer
-        pad = tok.pad_token_id if tok.pad_token_id is not None else tok.eos_token_id
-        self.pad_id = int(pad) if pad is not None else 0
+        self.pad_id = lm.pad_id
         self.hooks = SteeringHooks(lm.layers)
         self.cache = (
             SlotKVCache(lm.num_layers, cfg.max_batch_size, self.max_model_len, cfg.kv_initial_capacity)

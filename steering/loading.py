@@ -175,6 +175,13 @@ class LoadedModel:
         return torch.tanh(logits / cap) * cap if cap else logits
 
     @property
+    def pad_id(self) -> int:
+        """The id that pads batch rows: the pad token, else EOS, else 0 (padding is never attended)."""
+        tok = self.tokenizer
+        pad = tok.pad_token_id if tok.pad_token_id is not None else tok.eos_token_id
+        return int(pad) if pad is not None else 0
+
+    @property
     def special_token_ids(self) -> set[int]:
         """BOS/EOS/pad and every added token marked special (chat-template markers such as <|im_start|>)."""
         ids = {int(i) for i in getattr(self.tokenizer, "all_special_ids", []) or []}

@@ -16,14 +16,15 @@ import torch
 
 from steering.hooks import SteeringBatch
 from steering.jobs import JobContext, Progress
-from steering.packing import AttentionMasks, PackedBatch, Segment, answer_rows, pack, targets
+from steering.packing import (
+    AttentionMasks,
+    PackedBatch,
+    Segment,
+    answer_rows,
+    pack,
+    targets,
+)
 from steering.spec import ResolvedApplication
-
-
-def pad_id(lm) -> int:
-    tok = lm.tokenizer
-    pad = tok.pad_token_id if tok.pad_token_id is not None else tok.eos_token_id
-    return int(pad) if pad is not None else 0
 
 
 def packed_forward(ctx: JobContext, batch: PackedBatch, *, embeds: torch.Tensor | None = None,
@@ -84,11 +85,10 @@ def score_answers(ctx: JobContext, items: Sequence[tuple[Sequence[int], Sequence
     rows: list[list[Segment]] = [answer_rows(p, answers) for p, answers in items]
     lengths = [sum(len(s.ids) for s in r) for r in rows]
     out: list[ScoredItem | None] = [None] * len(rows)
-    pad = pad_id(ctx.lm)
     done = 0
     for idx in chunks(lengths, ctx.chunk_tokens):
         sub = [rows[i] for i in idx]
-        batch = pack(sub, pad, ctx.lm.device)
+        batch = pack(sub, ctx.lm.pad_id, ctx.lm.device)
         tgt = targets(batch, sub)
         hidden = packed_forward(ctx, batch, apps=[apps[i] for i in idx] if apps is not None else None)
         sums = group_logprobs(ctx.lm, hidden, tgt).tolist()

@@ -19,7 +19,7 @@ import torch
 from steering.attribution.gradients import IntegrationMethod, integration_points
 from steering.jobs import JobContext, Progress
 from steering.packing import Segment, pack, targets
-from steering.scoring import group_logprobs, pad_id, packed_forward
+from steering.scoring import group_logprobs, packed_forward
 
 Baseline = Literal["zeros", "pad", "eos"]
 
@@ -52,7 +52,7 @@ def integrated_gradients(ctx: JobContext, rows: Sequence[Sequence[Segment]], wei
     are not scored; their weight is ignored)."""
     lm = ctx.lm
     emb = lm.model.get_input_embeddings()
-    pad = pad_id(lm)
+    pad = lm.pad_id
     alphas, qw = integration_points(n_steps, method)
     acc_dtype = torch.float64 if lm.dtype == torch.float64 else torch.float32
     lengths = [sum(len(s.ids) for s in r) for r in rows]

@@ -8,16 +8,15 @@ from dataclasses import dataclass, field
 from typing import Any, ClassVar
 
 import torch
-from pydantic import BaseModel, ConfigDict, ValidationError
 
 from steering.errors import RequestValidationError
 from steering.jobs import Progress
+from steering.params import StrictParams
+from steering.params import parse_params as parse
 
 
-class MethodParams(BaseModel):
+class MethodParams(StrictParams):
     """Base of every method's parameters: unknown names are rejected, not ignored."""
-
-    model_config = ConfigDict(extra="forbid", frozen=True)
 
 
 @dataclass
@@ -62,13 +61,4 @@ def get_method(name: str) -> type[AttributionMethod]:
 
 
 def parse_params(method: type[AttributionMethod], params: dict[str, Any] | None) -> MethodParams:
-    try:
-        return method.Params.model_validate(params or {})
-    except ValidationError as exc:
-        err = exc.errors()[0]
-        loc = ".".join(str(p) for p in err["loc"])
-        valid = ", ".join(method.Params.model_fields) or "none"
-        raise RequestValidationError(
-            f"invalid parameter for {method.name}: {loc}: {err['msg']} (its parameters: {valid})",
-            param=f"params.{loc}" if loc else "params",
-        ) from None
+    return parse(method.Params, params, method.name)

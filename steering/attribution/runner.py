@@ -56,8 +56,7 @@ class Runner:
         self.apps = apps
         self.cost = Cost()
         tok = lm.tokenizer
-        pad = tok.pad_token_id if tok.pad_token_id is not None else tok.eos_token_id
-        self.pad_id = int(pad) if pad is not None else 0
+        self.pad_id = lm.pad_id
         self.eos_id = int(tok.eos_token_id) if tok.eos_token_id is not None else self.pad_id
         self._batched_vjp = True
 

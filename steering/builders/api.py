@@ -14,13 +14,14 @@ from dataclasses import dataclass, field
 from typing import Any, Literal
 
 import torch
-from pydantic import ValidationError
 
-from steering.builders.registry import Builder, BuilderParams, Encoded, get_builder, parse_params
+from steering.builders.registry import Builder, BuilderParams, Encoded, get_builder
+from steering.builders.registry import parse_params as parse_builder_params
 from steering.datasets import PreferenceExample, dataset_hash
 from steering.errors import RequestValidationError
 from steering.jobs import JobContext, Progress, run_job, scaled
 from steering.loading import LoadedModel
+from steering.params import parse_params
 from steering.prompts import encode_chat, encode_text
 from steering.registry import ModelIdentity
 from steering.scoring import score_answers
@@ -197,7 +198,7 @@ class PreparedBuild:
 def prepare_build(lm: LoadedModel, request: BuildRequest, limits: BuildLimits | None = None) -> PreparedBuild:
     limits = limits or BuildLimits()
     builder = get_builder(request.method)
-    params = parse_params(builder, request.params)
+    params = parse_builder_params(builder, request.params)
     layers = check_layers(lm, params.layers)
     if not request.examples:
         raise RequestValidationError("no examples", param="examples")
@@ -286,10 +287,4 @@ def encoding(vector: SteeringVector, params: dict[str, Any] | None) -> BuilderPa
     if params is None:
         built = vector.metadata.get("params") or {}
         params = {k: built[k] for k in ("prompt_format", "system_prompt", "separator") if k in built}
-    try:
-        return BuilderParams.model_validate(params)
-    except ValidationError as exc:
-        err = exc.errors()[0]
-        loc = ".".join(str(p) for p in err["loc"])
-        raise RequestValidationError(f"params.{loc}: {err['msg']} (valid: prompt_format, system_prompt, "
-                                     "separator)", param=f"params.{loc}") from None
+    return parse_params(BuilderParams, params, "the examples' encoding")

@@ -9,7 +9,14 @@ import torch
 from pydantic import Field
 
 from steering import activations
-from steering.builders.registry import Builder, BuilderParams, Directions, Encoded, principal_direction, register
+from steering.builders.registry import (
+    Builder,
+    BuilderParams,
+    Directions,
+    Encoded,
+    principal_direction,
+    register,
+)
 from steering.jobs import JobContext, Progress
 from steering.packing import answer_rows
 

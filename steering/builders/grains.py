@@ -33,7 +33,14 @@ from pydantic import Field
 from steering import activations
 from steering.attribution.gradients import IntegrationMethod
 from steering.attribution.packed import integrated_gradients
-from steering.builders.registry import Builder, BuilderParams, Directions, Encoded, principal_direction, register
+from steering.builders.registry import (
+    Builder,
+    BuilderParams,
+    Directions,
+    Encoded,
+    principal_direction,
+    register,
+)
 from steering.errors import RequestValidationError
 from steering.jobs import JobContext, scaled
 from steering.packing import Segment, answer_rows
@@ -66,11 +73,11 @@ def masked(ids: list[int], positions: list[int], replacement: int) -> list[int]:
     return out
 
 
-def replacement_id(tokenizer, choice) -> int:
+def replacement_id(lm, choice) -> int:
     if isinstance(choice, int):
         return choice
-    pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
-    tok = {"pad": pad, "eos": tokenizer.eos_token_id, "unk": tokenizer.unk_token_id}[choice]
+    tokenizer = lm.tokenizer
+    tok = {"pad": lm.pad_id, "eos": tokenizer.eos_token_id, "unk": tokenizer.unk_token_id}[choice]
     if tok is None:
         raise RequestValidationError(f"the tokenizer has no {choice} token; give a token id as 'replacement'")
     return int(tok)
@@ -91,7 +98,7 @@ class Grains(Builder):
     def run(self, ctx: JobContext, data: list[Encoded], layers: list[int], params: GrainsParams):
         lm = ctx.lm
         special = lm.special_token_ids
-        rep = replacement_id(lm.tokenizer, params.replacement)
+        rep = replacement_id(lm, params.replacement)
         rows = [answer_rows(e.prompt, [e.preferred, e.dispreferred]) for e in data]
         split = 3 * params.n_steps / (3 * params.n_steps + 2)  # progress share of IG (see cost())
         scores = yield from scaled(integrated_gradients(ctx, rows, [[0.0, 1.0, -1.0]] * len(data), params.n_steps,

@@ -8,16 +8,16 @@ from dataclasses import dataclass, field
 from typing import Any, ClassVar, Literal
 
 import torch
-from pydantic import BaseModel, ConfigDict, Field, ValidationError
+from pydantic import Field
 
 from steering.errors import RequestValidationError
 from steering.jobs import JobContext, Progress
+from steering.params import StrictParams
+from steering.params import parse_params as parse
 
 
-class BuilderParams(BaseModel):
+class BuilderParams(StrictParams):
     """Parameters every builder takes; unknown names are rejected, not ignored."""
-
-    model_config = ConfigDict(extra="forbid", frozen=True)
 
     layers: list[int] | None = Field(None, description="layers to build for (default: every layer)")
     prompt_format: Literal["raw", "chat"] = Field(
@@ -83,17 +83,7 @@ def get_builder(name: str) -> type[Builder]:
 
 
 def parse_params(builder: type[Builder], params: dict[str, Any] | None) -> BuilderParams:
-    try:
-        return builder.Params.model_validate(params or {})
-    except ValidationError as exc:
-        err = exc.errors()[0]
-        loc = ".".join(str(p) for p in err["loc"])
-        valid = ", ".join(builder.Params.model_fields)
-        msg = "unknown parameter" if err["type"] == "extra_forbidden" else err["msg"]
-        raise RequestValidationError(
-            f"invalid parameter for {builder.name}: {loc}: {msg} (its parameters: {valid})",
-            param=f"params.{loc}" if loc else "params",
-        ) from None
+    return parse(builder.Params, params, builder.name)
 
 
 def principal_direction(d: torch.Tensor) -> tuple[torch.Tensor, float]:
