@@ -150,6 +150,27 @@ class SteerClient:
                 raise TimeoutError(f"job {job_id} still {job['status']} after {timeout} s")
             time.sleep(poll)
 
+    # evaluations
+    def scorers(self) -> list[dict]:
+        return self._check(self._http.get("/v1/evaluations/scorers"))["data"]
+
+    def evaluate(self, body: Mapping[str, Any]) -> dict:
+        """Start an evaluation job (``{"type": "truthfulqa" | "steer", ...}``); wait for it with :meth:`wait`. The
+        finished job's ``result`` holds ``report`` (JSON) and ``markdown`` (a table)."""
+        return self._check(self._http.post("/v1/evaluations", json=dict(body)))
+
+    def evaluate_truthfulqa(self, csv_path: str | Path, *, rows: Sequence[int] | None = None,
+                            conditions: Sequence[Mapping[str, Any]] = (), **options: Any) -> dict:
+        """TruthfulQA from a CSV in the standard format (read here, sent inline). ``conditions``: mappings with
+        ``steering`` (as in ``extra_body``), and optionally ``label`` and ``relative``."""
+        return self.evaluate({"type": "truthfulqa", "questions": read_truthfulqa_csv(csv_path, rows),
+                              "conditions": [dict(c) for c in conditions], **options})
+
+    def evaluate_steering(self, prompts: Sequence[str], *, conditions: Sequence[Mapping[str, Any]] = (),
+                          **options: Any) -> dict:
+        return self.evaluate({"type": "steer", "prompts": list(prompts), "conditions": [dict(c) for c in conditions],
+                              **options})
+
     # tokenizer
     def tokenize(self, prompt: str | None = None, messages: Sequence[Mapping] | None = None) -> list[int]:
         body = {"prompt": prompt} if prompt is not None else {"messages": list(messages or [])}
@@ -157,3 +178,18 @@ class SteerClient:
 
     def detokenize(self, tokens: Sequence[int]) -> str:
         return self._check(self._http.post("/detokenize", json={"tokens": list(tokens)}))["prompt"]
+
+
+def read_truthfulqa_csv(path: str | Path, rows: Sequence[int] | None = None) -> list[dict]:
+    """Questions of a TruthfulQA CSV as ``/v1/evaluations`` takes them (answers in a cell are split on ``;``)."""
+    import csv
+
+    def split(cell: str | None) -> list[str]:
+        return [a.strip() for a in (cell or "").split(";") if a.strip()]
+
+    with open(path, newline="", encoding="utf-8") as fh:
+        all_rows = list(csv.DictReader(fh))
+    picked = all_rows if rows is None else [all_rows[i] for i in rows]
+    return [{"question": r["Question"].strip(), "best_answer": r["Best Answer"].strip(),
+             "correct_answers": split(r.get("Correct Answers")), "incorrect_answers": split(r["Incorrect Answers"])}
+            for r in picked]

@@ -14,9 +14,10 @@ import math
 import secrets
 import time
 from dataclasses import dataclass
+from typing import Annotated
 
 import torch
-from fastapi import Depends, FastAPI, Request
+from fastapi import Body, Depends, FastAPI, Request
 from fastapi.responses import JSONResponse, Response, StreamingResponse
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 
@@ -27,6 +28,7 @@ from server.protocol import (
     ChatCompletionRequest,
     CompletionRequest,
     DetokenizeRequest,
+    EvaluationRequest,
     TokenizeRequest,
     VectorBuildRequest,
     VectorRename,
@@ -36,6 +38,7 @@ from server.protocol import (
 from server.services import (
     AttributionService,
     EngineClient,
+    EvaluationService,
     GenerationService,
     JobService,
     ModelService,
@@ -64,6 +67,7 @@ class Services:
     vectors: VectorService
     jobs: JobService
     attributions: AttributionService
+    evaluations: EvaluationService
     model_name: str
 
 
@@ -97,7 +101,8 @@ def build_services(settings: ServerSettings, engine: Engine) -> Services:
                     models=ModelService(lm, engine, name, int(time.time())),
                     tokenizer=TokenizerService(lm, engine, generation),
                     vectors=VectorService(client, registry, jobs), jobs=jobs,
-                    attributions=AttributionService(client, generation, settings), model_name=name)
+                    attributions=AttributionService(client, generation, settings),
+                    evaluations=EvaluationService(client, jobs, settings), model_name=name)
 
 
 class BodyLimit:
@@ -302,6 +307,15 @@ def create_app(settings: ServerSettings | None = None, engine: Engine | None = N
     @app.post("/v1/steering/vectors/{name}/sweep", dependencies=guarded, status_code=202)
     async def sweep_vector(name: str, req: VectorSweepRequest, svc: Services = Depends(services)):
         return svc.vectors.sweep(name, req)
+
+    # -- evaluations -----------------------------------------------------------------------------------------------
+    @app.post("/v1/evaluations", dependencies=guarded, status_code=202)
+    async def evaluate(req: Annotated[EvaluationRequest, Body()], svc: Services = Depends(services)):
+        return svc.evaluations.submit(req)
+
+    @app.get("/v1/evaluations/scorers", dependencies=guarded)
+    async def eval_scorers(svc: Services = Depends(services)):
+        return svc.evaluations.scorers()
 
     # -- jobs ------------------------------------------------------------------------------------------------------
     @app.get("/v1/jobs", dependencies=guarded)

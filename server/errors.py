@@ -61,7 +61,10 @@ def from_engine_error(exc: EngineError, retry_after: int = 1) -> APIError:
     return APIError(500, exc.message, exc.param, "server_error")
 
 
-def _loc(loc) -> str | None:
+def _loc(loc, body=None) -> str | None:
+    loc = list(loc)
+    if len(loc) > 1 and loc[0] == "body" and isinstance(body, dict) and loc[1] == body.get("type"):
+        del loc[1]  # the tag of a tagged union (``"type": "steer"``) is not a field
     parts = [str(p) for p in loc if p not in ("body", "query", "path")]
     return ".".join(parts) or None
 
@@ -84,10 +87,10 @@ def install_error_handlers(app: FastAPI, retry_after: int = 1) -> None:
             return error_response(400, f"request body is not valid JSON: {first.get('ctx', {}).get('error', '')}")
         parts = []
         for err in errors[:5]:
-            where = _loc(err.get("loc", ()))
+            where = _loc(err.get("loc", ()), exc.body)
             msg = "unknown field (not part of this API)" if err.get("type") == "extra_forbidden" else err.get("msg")
             parts.append(f"{where}: {msg}" if where else str(msg))
-        return error_response(400, "; ".join(parts), _loc(first.get("loc", ())))
+        return error_response(400, "; ".join(parts), _loc(first.get("loc", ()), exc.body))
 
     @app.exception_handler(StarletteHTTPException)
     async def _http(_: Request, exc: StarletteHTTPException):

@@ -474,6 +474,72 @@ class JobList(BaseModel):
     data: list[JobInfo]
 
 
+# -- evaluations ---------------------------------------------------------------------------------------------------
+class EvalCondition(Strict):
+    """One steered condition of an evaluation (the unsteered baseline is always added)."""
+
+    label: Annotated[str, Field(min_length=1, max_length=200)] | None = None
+    """Default: built from the vector names, layers and scales."""
+    steering: SteeringRequest
+    relative: bool = False
+    """Scales are fractions of each layer's mean hidden-state norm recorded when the (registered) vector was built,
+    the unit of sweeps."""
+
+
+class TruthfulQAQuestion(Strict):
+    question: Annotated[str, Field(min_length=1)]
+    best_answer: Annotated[str, Field(min_length=1)]
+    correct_answers: list[Annotated[str, Field(min_length=1)]] = Field(default_factory=list)
+    incorrect_answers: Annotated[list[Annotated[str, Field(min_length=1)]], Field(min_length=1)]
+
+
+class TruthfulQAEvaluation(Strict):
+    """TruthfulQA binary, MC1 and MC2 by summed answer log-probabilities."""
+
+    type: Literal["truthfulqa"]
+    questions: Annotated[list[TruthfulQAQuestion], Field(min_length=1)]
+    conditions: Annotated[list[EvalCondition], Field(max_length=16)] = Field(default_factory=list)
+    template: str = "Q: {question}\nA:"
+    prompt_format: Literal["raw", "chat"] = "raw"
+    system_prompt: str | None = None
+    separator: str | None = None
+    """Between prompt and answer; default one space for raw, nothing for chat."""
+    per_question: bool = False
+
+
+class SteerEvaluation(Strict):
+    """Generate steered and unsteered; behaviour score, perplexity under the unsteered model, distinct-n."""
+
+    type: Literal["steer"]
+    prompts: Annotated[list[Annotated[str, Field(min_length=1)]], Field(min_length=1)]
+    conditions: Annotated[list[EvalCondition], Field(max_length=16)] = Field(default_factory=list)
+    scorer: str | None = "sentiment"
+    """A registered scorer (``GET /v1/evaluations/scorers``), or null for none."""
+    scorer_params: dict[str, Any] = Field(default_factory=dict)
+    chat: bool = True
+    system_prompt: str | None = None
+    max_tokens: int = Field(48, ge=1, le=4096)
+    temperature: float = Field(0.0, ge=0)
+    top_p: float = Field(1.0, gt=0, le=1)
+    seed: int = Field(0, ge=0)
+    samples: int = Field(3, ge=0, le=1000)
+
+
+EvaluationRequest = Annotated[TruthfulQAEvaluation | SteerEvaluation, Field(discriminator="type")]
+
+
+class ScorerInfo(BaseModel):
+    name: str
+    summary: str
+    higher: str
+    params: dict[str, Any]
+
+
+class ScorerList(BaseModel):
+    object: Literal["list"] = "list"
+    data: list[ScorerInfo]
+
+
 class ErrorBody(BaseModel):
     message: str
     type: str

@@ -51,6 +51,12 @@ from server.protocol import (
     TopLogprob,
     Usage,
     BuilderInfo,
+    EvalCondition,
+    EvaluationRequest,
+    ScorerInfo,
+    ScorerList,
+    SteerEvaluation,
+    TruthfulQAEvaluation,
     BuilderList,
     JobError,
     JobInfo,
@@ -66,7 +72,8 @@ from server.protocol import (
 from server.settings import ServerSettings
 from steering import attribution as attr
 from steering import builders
-from steering.datasets import PreferenceExample
+from steering import evaluation as ev
+from steering.datasets import PreferenceExample, TruthfulQAItem
 from steering.gguf_vectors import export_controlvector
 from steering.jobs import JobCancelledError, JobHandle
 from steering.engine import Engine, GenerationRequest, RequestHandle, RequestOutput
@@ -459,7 +466,8 @@ class JobService:
         self._jobs: dict[str, _JobRecord] = {}
 
     def submit(self, type_: str, work, finish) -> JobInfo:
-        """``finish(result) -> dict`` turns the core result into the job's JSON result (and may save it)."""
+        """Run ``work`` as an engine job; ``finish(result) -> dict`` turns the core result into the job's JSON
+        result (and may save it)."""
         engine = self.client.engine
         try:
             handle = engine.submit_job(work, type_, loop=asyncio.get_running_loop())
@@ -467,6 +475,10 @@ class JobService:
             api = from_engine_error(exc, self.client.settings.retry_after_seconds)
             self.client.metrics.rejected("queue_full" if api.status == 503 else "invalid_request")
             raise api from exc
+        return self.track(type_, handle, finish)
+
+    def track(self, type_: str, handle: JobHandle, finish) -> JobInfo:
+        """Track a job started elsewhere (a thread job, :func:`steering.jobs.start_thread_job`)."""
         rec = _JobRecord(handle, type_, time.time())
         self._jobs[handle.job_id] = rec
         rec.task = asyncio.ensure_future(self._finish(rec, finish))
@@ -635,6 +647,60 @@ class VectorService:
             export_controlvector(SteeringVector(kept, name=name), path, model_hint=hint, scale=scale)
             with open(path, "rb") as fh:
                 return fh.read(), sorted(set(vec.values) - set(kept))
+
+
+class EvaluationService:
+    """``POST /v1/evaluations``: TruthfulQA (an engine job) or the steering effect on generation (a thread job that
+    submits generations and a perplexity job to the engine). Both report through ``/v1/jobs/{id}``."""
+
+    def __init__(self, client: EngineClient, jobs: JobService, settings: ServerSettings) -> None:
+        self.client, self.jobs, self.settings, self.lm = client, jobs, settings, client.lm
+
+    @staticmethod
+    def scorers() -> ScorerList:
+        return ScorerList(data=[ScorerInfo(name=c.name, summary=c.summary, higher=c.higher,
+                                           params=c.Params.model_json_schema())
+                                for c in (ev.SCORERS[n] for n in ev.scorer_names())])
+
+    def _condition(self, i: int, cond: EvalCondition) -> ev.Condition:
+        spec = self.client.steering_spec(cond.steering)
+        label = cond.label or " + ".join(ev.label_for(a.vector.name, a.resolved_layers(), a.scale, cond.relative)
+                                         for a in spec.applications)
+        if cond.relative:
+            apps = []
+            for j, app in enumerate(spec.applications):
+                where = f"conditions[{i}].steering.vectors[{j}]"
+                if app.vector.name is None:
+                    raise APIError(400, f"{where}: relative scales need a registered vector (its recorded "
+                                        "hidden-state norms)", f"conditions[{i}].relative")
+                try:
+                    apps += ev.relative_applications(app.vector, app.scale, app.layers, app.positions, app.normalize,
+                                                     param=f"conditions[{i}].relative")
+                except EngineError as exc:
+                    raise APIError(400, f"{where}: {exc.message}", exc.param) from exc
+            spec = SteeringSpec(apps)
+        return ev.Condition(label, spec)
+
+    def submit(self, req: EvaluationRequest) -> JobInfo:
+        conditions = [self._condition(i, c) for i, c in enumerate(req.conditions)]
+        finish = self._finish
+        if isinstance(req, TruthfulQAEvaluation):
+            items = [TruthfulQAItem(q.question, q.best_answer, tuple(q.correct_answers), tuple(q.incorrect_answers))
+                     for q in req.questions]
+            fmt = ev.QAFormat(req.template, req.prompt_format, req.system_prompt, req.separator)
+            prep = ev.prepare_truthfulqa(self.lm, ev.TruthfulQARequest(items, conditions, fmt, None, req.per_question),
+                                         max_rows=self.settings.eval_max_scored_rows)
+            return self.jobs.submit("evaluation_truthfulqa", prep.work, finish)
+        assert isinstance(req, SteerEvaluation)
+        core = ev.SteerEvalRequest(list(req.prompts), conditions, req.scorer, req.scorer_params, req.chat,
+                                   req.system_prompt, req.max_tokens, req.temperature, req.top_p, req.seed, req.samples)
+        prep = ev.prepare_steer(self.lm, core, max_prompts=self.settings.eval_max_prompts)
+        handle = ev.start_steer(self.client.engine, prep, loop=asyncio.get_running_loop())
+        return self.jobs.track("evaluation_steer", handle, finish)
+
+    @staticmethod
+    def _finish(report: ev.EvaluationReport) -> dict:
+        return {"report": report.as_dict(), "markdown": report.markdown()}
 
 
 class AttributionService:

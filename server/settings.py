@@ -32,6 +32,9 @@ class ServerSettings(BaseSettings):
     job_chunk_tokens: int = Field(2048, ge=16, description="tokens per job chunk: generation waits at most one")
     build_max_examples: int = Field(10_000, ge=1, description="examples in one vector build")
     build_max_sweep_rows: int = Field(200_000, ge=1, description="(layers x scales + 1) x validation examples")
+    eval_max_prompts: int = Field(1024, ge=1, description="prompts in one steering-effect evaluation")
+    eval_max_scored_rows: int = Field(200_000, ge=1, description="conditions x questions in one TruthfulQA "
+                                                                 "evaluation")
     keep_finished_jobs: int = Field(256, ge=1, description="finished jobs kept for GET /v1/jobs/{id}")
     attribution_max_input_tokens: int = Field(1024, ge=1)
     attribution_max_target_tokens: int = Field(128, ge=1)

@@ -20,11 +20,13 @@ from steering.cli_common import (
     _parse_positions,
     console,
 )
+from steering.cli_eval import app as eval_app
 from steering.cli_vectors import app as vectors_app
 
 app = typer.Typer(add_completion=False, no_args_is_help=True,
                   help="steerserve: inference-time steering for language models.")
 app.add_typer(vectors_app, name="vectors")
+app.add_typer(eval_app, name="eval")
 
 
 @app.command()

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from pathlib import Path
 from typing import Annotated, Optional
 
 import typer
@@ -13,6 +14,9 @@ ModelOpt = Annotated[Optional[str], typer.Option(
     "--model", "-m", envvar="STEERSERVE_MODEL",
     help="Hugging Face model directory or .gguf file; default: the embedded SmolLM2-135M-Instruct.")]
 DeviceOpt = Annotated[str, typer.Option(envvar="STEERSERVE_DEVICE", help="auto, cpu, cuda, cuda:N")]
+DirOpt = Annotated[Path, typer.Option("--vector-dir", envvar="STEERSERVE_VECTOR_DIR",
+                                      help="Registry directory (the server's vector_dir).")]
+RowsOpt = Annotated[Optional[str], typer.Option(help="Rows of the file to use, e.g. '0-49' (default: all).")]
 DtypeOpt = Annotated[str, typer.Option(envvar="STEERSERVE_DTYPE", help="auto (bf16/fp16 on GPU, fp32 on CPU), "
                                                                        "float32, bfloat16, float16")]
 
@@ -58,3 +62,39 @@ def _parse_params(items: list[str]) -> dict:
         except json.JSONDecodeError:
             out[key] = value
     return out
+
+
+def _progress_bar():
+    from rich.progress import BarColumn, Progress, TaskProgressColumn, TextColumn, TimeElapsedColumn, \
+        TimeRemainingColumn
+
+    return Progress(TextColumn("[progress.description]{task.description}"), BarColumn(), TaskProgressColumn(),
+                    TimeElapsedColumn(), TextColumn("eta"), TimeRemainingColumn(), console=console)
+
+
+def _run_with_bar(label: str, fn):
+    """Run ``fn(on_progress)`` under a progress bar driven by the job's overall fraction."""
+    with _progress_bar() as bar:
+        task = bar.add_task(label, total=1000)
+
+        def on_progress(p) -> None:
+            f = p.overall()
+            bar.update(task, completed=int(1000 * f) if f is not None else None,
+                       description=f"{label} {p.stage}".strip())
+
+        out = fn(on_progress)
+        bar.update(task, completed=1000)
+        return out
+
+
+def _registry(vector_dir: Path, lm=None):
+    from steering.registry import ModelIdentity, VectorRegistry
+
+    reg = VectorRegistry(vector_dir, ModelIdentity.of(lm) if lm is not None else None)
+    reg.load_all()
+    return reg
+
+
+def _fail(exc) -> None:
+    console.print(f"[red]error:[/red] {getattr(exc, 'message', exc)}")
+    raise typer.Exit(2) from exc

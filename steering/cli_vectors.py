@@ -11,51 +11,25 @@ import typer
 from rich.console import Console
 from rich.table import Table
 
-from steering.cli_common import DeviceOpt, DtypeOpt, ModelOpt, _load, _parse_layers, _parse_params, console
+from steering.cli_common import (
+    DeviceOpt,
+    DirOpt,
+    DtypeOpt,
+    ModelOpt,
+    RowsOpt,
+    _fail,
+    _load,
+    _parse_layers,
+    _parse_params,
+    _registry,
+    _run_with_bar,
+    console,
+)
 from steering.registry import DEFAULT_VECTOR_DIR
 
 app = typer.Typer(add_completion=False, no_args_is_help=True,
                   help="Build, sweep and manage steering vectors (local registry).")
 
-DirOpt = Annotated[Path, typer.Option("--vector-dir", envvar="STEERSERVE_VECTOR_DIR",
-                                      help="Registry directory (the server's vector_dir).")]
-RowsOpt = Annotated[Optional[str], typer.Option(help="Rows of the file to use, e.g. '0-49' (default: all).")]
-
-
-def _progress_bar():
-    from rich.progress import BarColumn, Progress, TaskProgressColumn, TextColumn, TimeElapsedColumn, \
-        TimeRemainingColumn
-
-    return Progress(TextColumn("[progress.description]{task.description}"), BarColumn(), TaskProgressColumn(),
-                    TimeElapsedColumn(), TextColumn("eta"), TimeRemainingColumn(), console=console)
-
-
-def _run_with_bar(label: str, fn):
-    """Run ``fn(on_progress)`` under a progress bar driven by the job's overall fraction."""
-    with _progress_bar() as bar:
-        task = bar.add_task(label, total=1000)
-
-        def on_progress(p) -> None:
-            f = p.overall()
-            bar.update(task, completed=int(1000 * f) if f is not None else None,
-                       description=f"{label} {p.stage}".strip())
-
-        out = fn(on_progress)
-        bar.update(task, completed=1000)
-        return out
-
-
-def _registry(vector_dir: Path, lm=None):
-    from steering.registry import ModelIdentity, VectorRegistry
-
-    reg = VectorRegistry(vector_dir, ModelIdentity.of(lm) if lm is not None else None)
-    reg.load_all()
-    return reg
-
-
-def _fail(exc) -> None:
-    console.print(f"[red]error:[/red] {getattr(exc, 'message', exc)}")
-    raise typer.Exit(2) from exc
 
 
 def _sweep_table(res) -> Table:

@@ -9,7 +9,10 @@ Rules for job code: do not hold a grad-mode or hook context across a ``yield`` (
 under ``torch.no_grad()``; use ``torch.enable_grad()`` inside a chunk), and leave the model as found at every
 ``yield`` (for example the attention implementation).
 
-Outside a server, :func:`run_job` drives a job to completion on the calling thread.
+Outside a server, :func:`run_job` drives a job to completion on the calling thread. Work that must *wait* on
+the engine (an evaluation that generates, then scores) cannot run as a job on the engine's own thread; it runs
+on a thread of its own with :func:`start_thread_job`, submitting generations and jobs to the engine, and is
+tracked through the same :class:`JobHandle`.
 """
 
 from __future__ import annotations
@@ -217,3 +220,25 @@ def run_job(work: Work[T], lm: LoadedModel, *, hooks: SteeringHooks | None = Non
     finally:
         if own:
             hooks.remove()
+
+
+def start_thread_job(name: str, fn: Callable[[JobHandle], T], loop: asyncio.AbstractEventLoop | None = None,
+                     on_cancel: Callable[[], None] | None = None) -> JobHandle[T]:
+    """Run ``fn(handle)`` on a new daemon thread; ``fn`` reports through ``handle.progress`` and should stop with
+    :class:`JobCancelledError` once ``handle.cancelled``. ``on_cancel`` runs when the handle is cancelled (to
+    cancel what ``fn`` is waiting on). Its ``compute_seconds`` is the thread's wall time."""
+    handle: JobHandle[T] = JobHandle(name, loop, on_cancel)
+
+    def main() -> None:
+        t0 = handle.metrics.start_time = time.monotonic()
+        try:
+            result = fn(handle)
+        except BaseException as exc:  # noqa: BLE001 - reported to whoever waits on the handle
+            handle.metrics.compute_seconds = time.monotonic() - t0
+            handle._finish(error=exc)
+        else:
+            handle.metrics.compute_seconds = time.monotonic() - t0
+            handle._finish(result=result)
+
+    threading.Thread(target=main, name=f"steerserve-{name}", daemon=True).start()
+    return handle

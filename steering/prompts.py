@@ -21,3 +21,19 @@ def encode_chat(tokenizer, messages: Sequence[dict], add_generation_prompt: bool
     except Exception as exc:  # noqa: BLE001 - template errors are the caller's input errors
         raise RequestValidationError(f"cannot apply the chat template: {exc}", param="messages") from exc
     return list(tokenizer(text, add_special_tokens=False)["input_ids"])
+
+
+def encode_prompt(tokenizer, text: str, prompt_format: str = "raw", system_prompt: str | None = None) -> list[int]:
+    """``raw``: the text as is (with the tokenizer's special tokens); ``chat``: the text as a user message in the
+    chat template, after an optional system message, with the generation prompt."""
+    if prompt_format == "chat":
+        msgs = ([{"role": "system", "content": system_prompt}] if system_prompt else []) + [
+            {"role": "user", "content": text}]
+        return encode_chat(tokenizer, msgs)
+    return encode_text(tokenizer, text)
+
+
+def answer_separator(prompt_format: str, separator: str | None) -> str:
+    """Text between a prompt and an appended answer: one space after raw text, nothing after a chat
+    generation prompt, unless given."""
+    return separator if separator is not None else (" " if prompt_format == "raw" else "")

@@ -131,3 +131,51 @@ def test_grains_build_and_sweep_on_default_model(real_lm):
     assert len(sel) == 4 and all(len(s["pos"]) <= 5 and len(s["neg"]) <= 5 for s in sel)
     assert len(res.sweep.table) == 2
     assert any(abs(r["margin"] - res.sweep.baseline["margin"]) > 1e-3 for r in res.sweep.table)
+
+
+def test_truthfulqa_eval_agrees_with_the_sweep_baseline(real_lm):
+    """TruthfulQA on the default model: binary accuracy from the evaluation equals the builders' sweep baseline on
+    the same rows (two code paths, one protocol), and MC1 <= binary (MC1 also beats every other wrong answer)."""
+    from pathlib import Path
+
+    from steering.builders import SweepConfig, sweep
+    from steering.datasets import load_examples, parse_rows, read_truthfulqa
+    from steering.evaluation import TruthfulQARequest, evaluate_truthfulqa
+    from steering.vectors import SteeringVector
+
+    data = Path(__file__).parents[1].parent / "shared" / "data" / "truthfulqa_dev.csv"
+    if not data.exists():
+        pytest.skip("../shared/data/truthfulqa_dev.csv is not beside the project")
+    items = read_truthfulqa(data)
+    items = [items[i] for i in parse_rows("0-11", len(items))]
+    rep = evaluate_truthfulqa(real_lm, TruthfulQARequest(items, [], per_question=True)).as_dict()
+    base = rep["conditions"][0]
+    vec = SteeringVector({5: torch.ones(576) / 24}, metadata={"hidden_norms": {"5": 1.0}})
+    sw = sweep(real_lm, vec, load_examples(data, "0-11"), SweepConfig(scales=[0.0], layers=[5]))
+    assert base["metrics"]["binary"] == pytest.approx(sw.baseline["accuracy"])
+    assert base["metrics"]["margin"] == pytest.approx(sw.baseline["margin"], abs=1e-3)
+    assert all(q["mc1"] <= q["binary"] for q in base["per_question"])
+    assert 0 < base["metrics"]["mc2"] < 1
+
+
+def test_sentiment_vector_shifts_vader_on_neutral_prompts(real_lm):
+    """A CAA vector from the hand-written positive/negative pairs in docs/data raises the VADER score of greedy
+    answers to neutral prompts, at a bounded perplexity cost (the setting chosen in docs/experiments.md)."""
+    from pathlib import Path
+
+    from steering.builders import BuildRequest, build
+    from steering.datasets import load_examples
+    from steering.evaluation import Condition, SteerEvalRequest, prepare_steer, relative_applications, start_steer
+    from steering.spec import SteeringSpec
+
+    docs = Path(__file__).parents[1] / "docs" / "data"
+    vec = build(real_lm, BuildRequest(load_examples(docs / "sentiment_pairs.jsonl"), "caa",
+                                      {"prompt_format": "chat", "layers": [10]})).vector
+    vec.name = "sentiment"
+    prompts = (docs / "neutral_prompts.txt").read_text().splitlines()[:6]
+    cond = Condition("s", SteeringSpec(relative_applications(vec, 0.25, [10])))
+    with Engine(real_lm).start() as engine:
+        rep = start_steer(engine, prepare_steer(real_lm, SteerEvalRequest(prompts, [cond], max_tokens=32))).result()
+    steered = rep.as_dict()["conditions"][1]
+    assert steered["versus_baseline"]["score"]["diff"] > 0.1, rep.markdown()
+    assert steered["versus_baseline"]["perplexity"]["ratio"] < 2.0, rep.markdown()

@@ -22,7 +22,7 @@ from steering.errors import RequestValidationError
 from steering.jobs import JobContext, Progress, run_job, scaled
 from steering.loading import LoadedModel
 from steering.params import parse_params
-from steering.prompts import encode_chat, encode_text
+from steering.prompts import answer_separator, encode_prompt
 from steering.registry import ModelIdentity
 from steering.scoring import score_answers
 from steering.spec import Positions, ResolvedApplication
@@ -45,15 +45,10 @@ class BuildLimits:
 def encode(lm: LoadedModel, examples: list[PreferenceExample], params: BuilderParams,
            param: str = "examples") -> list[Encoded]:
     tok = lm.tokenizer
-    sep = params.separator if params.separator is not None else (" " if params.prompt_format == "raw" else "")
+    sep = answer_separator(params.prompt_format, params.separator)
     out = []
     for i, e in enumerate(examples):
-        if params.prompt_format == "chat":
-            msgs = ([{"role": "system", "content": params.system_prompt}] if params.system_prompt else []) + [
-                {"role": "user", "content": e.prompt}]
-            prompt = encode_chat(tok, msgs)
-        else:
-            prompt = encode_text(tok, e.prompt)
+        prompt = encode_prompt(tok, e.prompt, params.prompt_format, params.system_prompt)
         pos = list(tok(sep + e.preferred, add_special_tokens=False)["input_ids"])
         neg = list(tok(sep + e.dispreferred, add_special_tokens=False)["input_ids"])
         if not prompt or not pos or not neg:
