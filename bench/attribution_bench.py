@@ -34,15 +34,15 @@ import torch
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from steering.attribution import (  # noqa: E402
+from steering.tasks.attribution import (  # noqa: E402
     AttributionLimits,
     AttributionRequest,
     AttributionTarget,
     attribute,
     method_names,
 )
-from steering.engine import Engine  # noqa: E402
-from steering.loading import load_model, resolve_model_dir  # noqa: E402
+from steering.backends.hf import HFEngine  # noqa: E402
+from steering.backends.hf.loading import load_model, resolve_model_dir  # noqa: E402
 from steering.sampling import SamplingParams  # noqa: E402
 
 DATA = ROOT.parent / "shared" / "data" / "truthfulqa_dev.csv"
@@ -192,7 +192,7 @@ def main() -> None:
               f"so it is a different quantity) {rel_llm:.2e}")
 
         # (2) per-token matrix of a 32-token generation
-        engine = Engine(lm).start()
+        engine = HFEngine(lm).start()
         try:
             gen = engine.generate(prompt, SamplingParams(max_tokens=32, temperature=0, ignore_eos=True))
         finally:

@@ -23,13 +23,14 @@ import torch
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from steering.attribution import AttributionRequest, AttributionTarget, prepare  # noqa: E402
-from steering.engine import Engine, EngineConfig, GenerationRequest  # noqa: E402
-from steering.loading import load_model  # noqa: E402
+from steering.tasks.attribution import AttributionRequest, AttributionTarget, prepare  # noqa: E402
+from steering.backends.hf import EngineConfig, HFEngine  # noqa: E402
+from steering.engine import GenerationRequest  # noqa: E402
+from steering.backends.hf.loading import load_model  # noqa: E402
 from steering.sampling import SamplingParams  # noqa: E402
 
 
-def gaps(engine: Engine, ids: list[int], tokens: int) -> list[float]:
+def gaps(engine: HFEngine, ids: list[int], tokens: int) -> list[float]:
     handle = engine.submit(GenerationRequest(ids, SamplingParams(max_tokens=tokens, temperature=0, ignore_eos=True)))
     times = [out.time for out in handle if out.token_ids]
     return [b - a for a, b in zip(times, times[1:])]
@@ -49,7 +50,7 @@ def main() -> None:
                  add_special_tokens=False)["input_ids"][:64]
     answer = tok(" Every night the keeper climbed the stairs and lit the lamp for the ships.",
                  add_special_tokens=False)["input_ids"][:16]
-    engine = Engine(lm, EngineConfig(job_chunk_tokens=args.chunk_tokens)).start()
+    engine = HFEngine(lm, EngineConfig(job_chunk_tokens=args.chunk_tokens)).start()
     try:
         gaps(engine, ids, 8)  # warm-up
         alone = gaps(engine, ids, args.tokens)

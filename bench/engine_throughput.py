@@ -30,9 +30,10 @@ import torch
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from steering.engine import Engine, EngineConfig, GenerationRequest  # noqa: E402
-from steering.loading import load_model  # noqa: E402
-from steering.prompts import encode_chat  # noqa: E402
+from steering.backends.hf import EngineConfig, HFEngine  # noqa: E402
+from steering.engine import GenerationRequest  # noqa: E402
+from steering.backends.hf.loading import load_model  # noqa: E402
+from steering.inputs import encode_chat  # noqa: E402
 from steering.sampling import SamplingParams  # noqa: E402
 from steering.spec import SteeringSpec  # noqa: E402
 from steering.vectors import SteeringVector  # noqa: E402
@@ -46,7 +47,7 @@ def make_prompts(tokenizer, n: int) -> list[list[int]]:
             for i in range(n)]
 
 
-def engine_run(engine: Engine, prompts, tokens: int, specs=None) -> float:
+def engine_run(engine: HFEngine, prompts, tokens: int, specs=None) -> float:
     sp = lambda: SamplingParams(max_tokens=tokens, temperature=0, ignore_eos=True)  # noqa: E731
     t0 = time.perf_counter()
     handles = [engine.submit(GenerationRequest(p, sp(), specs[i] if specs else None)) for i, p in enumerate(prompts)]
@@ -151,7 +152,7 @@ def main() -> None:
                 for layer in range(lm.num_layers)}
         specs.append(SteeringSpec.single(SteeringVector(vals, name=f"v{i}"), scale=args.scale, normalize=True))
 
-    engine = Engine(lm, EngineConfig(max_batch_size=args.requests)).start()
+    engine = HFEngine(lm, EngineConfig(max_batch_size=args.requests)).start()
     try:
         engine_run(engine, prompts[:4], 8)  # warm-up
         plain, steered = [], []
@@ -182,7 +183,7 @@ def main() -> None:
 
 
 def load_model_dir() -> str:
-    from steering.loading import resolve_model_dir
+    from steering.backends.hf.loading import resolve_model_dir
 
     return str(resolve_model_dir(None)[0])
 

@@ -69,13 +69,13 @@ def main() -> None:
     args = ap.parse_args()
     torch.set_num_threads(args.threads)
 
-    from steering.attribution.packed import integrated_gradients
-    from steering.builders import BuildRequest, build, encode
-    from steering.builders.registry import BuilderParams
+    from steering.tasks.attribution.packed import integrated_gradients
+    from steering.tasks.builders import BuildRequest, build, encode
+    from steering.tasks.builders.registry import BuilderParams
     from steering.datasets import load_examples
-    from steering.jobs import run_job
-    from steering.loading import load_model
-    from steering.packing import answer_rows
+    from steering.engine.jobs import run_job
+    from steering.backends.hf.loading import load_model
+    from steering.tasks.packing import answer_rows
 
     lm = load_model(None, device="cpu", dtype="float32")
     model_rss = rss_mb()

@@ -266,7 +266,7 @@ def main() -> None:
 
     torch.set_num_threads(args.threads)
     sys.path.insert(0, str(ROOT))
-    from steering.loading import load_model
+    from steering.backends.hf.loading import load_model
 
     t0 = time.perf_counter()
     lm = load_model(None, device="cpu", dtype="float32")

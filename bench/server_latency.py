@@ -30,9 +30,10 @@ import torch
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from steering.engine import Engine, GenerationRequest  # noqa: E402
-from steering.loading import load_model  # noqa: E402
-from steering.prompts import encode_chat  # noqa: E402
+from steering.backends.hf import HFEngine  # noqa: E402
+from steering.engine import GenerationRequest  # noqa: E402
+from steering.backends.hf.loading import load_model  # noqa: E402
+from steering.inputs import encode_chat  # noqa: E402
 from steering.sampling import SamplingParams  # noqa: E402
 
 QUESTIONS = ["What is the capital of France?", "Name three colours.", "Why is the sky blue?", "What is 2+2?",
@@ -42,7 +43,7 @@ QUESTIONS = ["What is the capital of France?", "Name three colours.", "Why is th
 
 def in_process_ttft(lm, prompts: list[str], runs: int) -> list[float]:
     out = []
-    with Engine(lm).start() as engine:
+    with HFEngine(lm).start() as engine:
         engine.generate(encode_chat(lm.tokenizer, [{"role": "user", "content": "hi"}]), SamplingParams(max_tokens=2))
         for i in range(runs):
             ids = encode_chat(lm.tokenizer, [{"role": "user", "content": prompts[i % len(prompts)]}])
@@ -114,7 +115,7 @@ def main() -> None:
     vec_dir = tempfile.mkdtemp(prefix="steerserve-bench-")
     env = os.environ | {"STEERSERVE_VECTOR_DIR": vec_dir, "STEERSERVE_PORT": str(args.port),
                         "STEERSERVE_MAX_BATCH_SIZE": str(args.clients), "STEERSERVE_LOG_LEVEL": "warning"}
-    proc = subprocess.Popen([sys.executable, "-m", "server.cli", "serve"], env=env, cwd=ROOT,
+    proc = subprocess.Popen([sys.executable, "-m", "cli", "serve"], env=env, cwd=ROOT,
                             start_new_session=True)
     url = f"http://127.0.0.1:{args.port}"
     try:

@@ -2,7 +2,12 @@
 
 from __future__ import annotations
 
+from typing import Any
+
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, disable_created_metrics
+
+from steering.engine.base import GenerationBackend
+from steering.store import VectorStore
 
 disable_created_metrics()  # no *_created series: dashboards only need the counters themselves
 
@@ -52,19 +57,19 @@ class Metrics:
         self.job_seconds = Histogram("steerserve_job_compute_seconds", "Model time of a finished job.",
                                      lbl + ["type"], buckets=_E2E + (900.0, 1800.0, 3600.0), registry=r)
 
-    def bind(self, engine, registry) -> None:
+    def bind(self, backend: GenerationBackend, store: VectorStore) -> None:
         """Gauges read live state at scrape time."""
         m = self.model_name
-        self.running.labels(m).set_function(lambda: engine.num_running)
-        self.waiting.labels(m).set_function(lambda: engine.num_waiting)
-        self.vectors_loaded.labels(m).set_function(lambda: len(registry))
-        self.jobs.labels(m).set_function(lambda: engine.num_jobs)
+        self.running.labels(m).set_function(lambda: backend.stats().running)
+        self.waiting.labels(m).set_function(lambda: backend.stats().waiting)
+        self.vectors_loaded.labels(m).set_function(lambda: len(store))
+        self.jobs.labels(m).set_function(lambda: backend.stats().jobs)
         for reason in ("stop", "length", "abort"):
             self.success.labels(m, reason)
         self.prompt_tokens.labels(m)
         self.generation_tokens.labels(m)
 
-    def finished(self, reason: str | None, prompt_tokens: int, generated: int, metrics) -> None:
+    def finished(self, reason: str | None, prompt_tokens: int, generated: int, metrics: Any) -> None:
         m = self.model_name
         self.prompt_tokens.labels(m).inc(prompt_tokens)
         self.generation_tokens.labels(m).inc(generated)
@@ -83,12 +88,12 @@ class Metrics:
     def rejected(self, reason: str) -> None:
         self.failure.labels(self.model_name, reason).inc()
 
-    def attribution_done(self, method: str, status: str, job_metrics) -> None:
+    def attribution_done(self, method: str, status: str, job_metrics: Any) -> None:
         self.attributions.labels(self.model_name, method, status).inc()
         if status == "ok":
             self.attribution_seconds.labels(self.model_name, method).observe(job_metrics.compute_seconds)
 
-    def job_done(self, type_: str, status: str, job_metrics) -> None:
+    def job_done(self, type_: str, status: str, job_metrics: Any) -> None:
         self.job_outcomes.labels(self.model_name, type_, status).inc()
         if status == "succeeded":
             self.job_seconds.labels(self.model_name, type_).observe(job_metrics.compute_seconds)

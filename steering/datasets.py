@@ -15,7 +15,7 @@ import os
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
-from steering.errors import RequestValidationError
+from steering.errors import InvalidRequestError
 
 DEFAULT_QA_TEMPLATE = "Q: {question}\nA:"
 
@@ -55,11 +55,11 @@ def parse_rows(spec: str | None, total: int) -> list[int]:
             elif part:
                 out.append(int(part))
     except ValueError:
-        raise RequestValidationError(f"bad row range {spec!r}; use e.g. '0-49' or '0:50' or '1,5,9'",
+        raise InvalidRequestError(f"bad row range {spec!r}; use e.g. '0-49' or '0:50' or '1,5,9'",
                                      param="rows") from None
     bad = [r for r in out if not 0 <= r < total]
     if bad:
-        raise RequestValidationError(f"rows {bad[:5]} are out of range; the file has {total} rows", param="rows")
+        raise InvalidRequestError(f"rows {bad[:5]} are out of range; the file has {total} rows", param="rows")
     return out
 
 
@@ -69,13 +69,13 @@ def read_truthfulqa(path: str | os.PathLike) -> list[TruthfulQAItem]:
         reader = csv.DictReader(fh)
         missing = {"Question", "Best Answer", "Incorrect Answers"} - set(reader.fieldnames or [])
         if missing:
-            raise RequestValidationError(f"{path}: not a TruthfulQA CSV, missing columns {sorted(missing)}",
+            raise InvalidRequestError(f"{path}: not a TruthfulQA CSV, missing columns {sorted(missing)}",
                                          param="data")
         for n, row in enumerate(reader):
             split = lambda s: tuple(a.strip() for a in (s or "").split(";") if a.strip())  # noqa: E731
             incorrect = split(row["Incorrect Answers"])
             if not row["Question"].strip() or not row["Best Answer"].strip() or not incorrect:
-                raise RequestValidationError(f"{path}: row {n} lacks a question, best answer or incorrect answer",
+                raise InvalidRequestError(f"{path}: row {n} lacks a question, best answer or incorrect answer",
                                              param="data")
             items.append(TruthfulQAItem(row["Question"].strip(), row["Best Answer"].strip(),
                                         split(row.get("Correct Answers")), incorrect))
@@ -92,13 +92,13 @@ def read_jsonl(path: str | os.PathLike) -> list[PreferenceExample]:
             try:
                 obj = json.loads(line)
             except json.JSONDecodeError as exc:
-                raise RequestValidationError(f"{path}:{n}: not JSON: {exc.msg}", param="data") from None
+                raise InvalidRequestError(f"{path}:{n}: not JSON: {exc.msg}", param="data") from None
             if not isinstance(obj, dict) or set(obj) != fields:
                 got = sorted(obj) if isinstance(obj, dict) else type(obj).__name__
-                raise RequestValidationError(f"{path}:{n}: each line needs exactly the fields {sorted(fields)}; "
+                raise InvalidRequestError(f"{path}:{n}: each line needs exactly the fields {sorted(fields)}; "
                                              f"got {got}", param="data")
             if not all(isinstance(obj[f], str) and obj[f] for f in fields):
-                raise RequestValidationError(f"{path}:{n}: prompt, preferred and dispreferred must be non-empty "
+                raise InvalidRequestError(f"{path}:{n}: prompt, preferred and dispreferred must be non-empty "
                                              "strings", param="data")
             out.append(PreferenceExample(obj["prompt"], obj["preferred"], obj["dispreferred"]))
     return out
@@ -109,13 +109,13 @@ def load_examples(path: str | os.PathLike, rows: str | None = None,
     """Read a ``.jsonl`` preference file or a TruthfulQA ``.csv``, then keep ``rows``."""
     p = Path(path)
     if not p.is_file():
-        raise RequestValidationError(f"data file not found: {p}", param="data")
+        raise InvalidRequestError(f"data file not found: {p}", param="data")
     if p.suffix.lower() == ".csv":
         examples = [item.preference(template) for item in read_truthfulqa(p)]
     else:
         examples = read_jsonl(p)
     if not examples:
-        raise RequestValidationError(f"{p}: no examples", param="data")
+        raise InvalidRequestError(f"{p}: no examples", param="data")
     return [examples[i] for i in parse_rows(rows, len(examples))]
 
 

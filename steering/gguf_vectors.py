@@ -91,6 +91,18 @@ def export_controlvector(vector: SteeringVector, path: str | os.PathLike, *, mod
     atomic_write(path, write)
 
 
+def export_for_llama_cpp(vector: SteeringVector, path: str | os.PathLike, scale: float = 1.0) -> list[int]:
+    """The export policy: write ``vector`` for llama.cpp with layer 0 left out (llama.cpp cannot steer it) and
+    the model hint taken from the vector's recorded model (else ``llama``); return the layers left out."""
+    kept = {layer: v for layer, v in vector.values.items() if layer > 0}
+    if not kept:
+        raise SteeringValidationError("the vector has only layer 0, which llama.cpp control vectors cannot hold",
+                                      param="layers")
+    hint = (vector.metadata.get("model") or {}).get("model_type") or "llama"
+    export_controlvector(SteeringVector(kept, name=vector.name), path, model_hint=hint, scale=scale)
+    return sorted(set(vector.values) - set(kept))
+
+
 def _kv(reader, key: str):
     """A scalar KV value (str or number), or None when the key is absent."""
     import gguf
@@ -152,3 +164,21 @@ def import_controlvector(path: str | os.PathLike, *, num_layers: int | None = No
     meta = {"model_hint": _kv(reader, f"{ARCH}.model_hint"), "layer_count": _kv(reader, f"{ARCH}.layer_count")}
     return SteeringVector(values=values, name=_kv(reader, "general.name") or Path(path).stem,
                           metadata={"source": "gguf", "gguf": meta})
+
+
+def read_vector_file(data: bytes, label: str = "the uploaded file") -> SteeringVector:
+    """A vector from a file's bytes: a steerserve safetensors file, or a llama.cpp control-vector GGUF (told
+    apart by the GGUF magic). Any parse failure is a SteeringValidationError naming ``label``."""
+    import tempfile
+
+    is_gguf = data[:4] == b"GGUF"
+    with tempfile.NamedTemporaryFile(suffix=".gguf" if is_gguf else ".safetensors") as fh:
+        fh.write(data)
+        fh.flush()
+        try:
+            return import_controlvector(fh.name) if is_gguf else SteeringVector.load(fh.name)
+        except SteeringValidationError as exc:
+            raise SteeringValidationError(exc.message.replace(fh.name, label), param="file") from None
+        except Exception as exc:  # noqa: BLE001 - any parse failure is the client's file
+            raise SteeringValidationError(f"not a valid safetensors or GGUF steering vector: {exc}",
+                                          param="file") from None

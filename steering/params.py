@@ -7,7 +7,7 @@ from typing import Any, TypeVar
 
 from pydantic import BaseModel, ConfigDict, ValidationError
 
-from steering.errors import RequestValidationError
+from steering.errors import InvalidRequestError
 
 P = TypeVar("P", bound=BaseModel)
 
@@ -26,5 +26,5 @@ def parse_params(model: type[P], params: dict[str, Any] | None, owner: str) -> P
         loc = ".".join(str(p) for p in err["loc"])
         msg = "unknown parameter" if err["type"] == "extra_forbidden" else err["msg"]
         valid = ", ".join(model.model_fields) or "none"
-        raise RequestValidationError(f"invalid parameter for {owner}: {loc}: {msg} (its parameters: {valid})",
+        raise InvalidRequestError(f"invalid parameter for {owner}: {loc}: {msg} (its parameters: {valid})",
                                      param=f"params.{loc}" if loc else "params") from None

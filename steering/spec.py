@@ -1,11 +1,14 @@
 """Steering specs: which vectors a request applies, where, and how strongly.
 
-A spec holds one or more applications; each names a vector, a ``scale``, the ``layers`` it acts on, the
-token ``positions`` it acts at and whether it ``normalize``s. Applications add up. Positions are absolute
-token positions in the sequence (prompt tokens first, from 0), so steering by position does not depend on
-whether a KV cache is used.
+A :class:`SteeringSpec` is plain, device-free data that travels with a request: one or more applications, each
+naming a registered vector (or carrying one inline), a ``scale``, the ``layers`` it acts on, the token
+``positions`` it acts at and whether it ``normalize``s. It serialises to JSON-able data (:meth:`to_dict`), so
+it can cross a process boundary. A backend turns it into a :class:`ResolvedSteering` with :func:`resolve`,
+the one place a spec is checked against a model (hidden size, layers, positions, finite values).
 
-At a steered layer, with the sum N of the normalising applications and R of the others:
+Positions are absolute token positions in the sequence (prompt tokens first, from 0), so steering by position
+does not depend on whether a KV cache is used. At a steered layer, with the sum N of the normalising
+applications and R of the others:
     h' = (h + N) * ||h|| / ||h + N|| + R          (norms over the hidden dimension, per token)
 With only normalising applications this is the GrAInS rule h' = (h + s*v) ||h|| / ||h + s*v||.
 """
@@ -13,8 +16,9 @@ With only normalising applications this is the GrAInS rule h' = (h + s*v) ||h|| 
 from __future__ import annotations
 
 import math
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
-from typing import Literal, Union
+from typing import Any, Literal
 
 import torch
 
@@ -22,20 +26,63 @@ from steering.errors import SteeringValidationError
 from steering.vectors import SteeringVector
 
 PositionKind = Literal["all", "prompt", "generated"]
-Positions = Union[PositionKind, tuple[int, ...]]
-POSITION_KINDS = ("all", "prompt", "generated")
+Positions = PositionKind | tuple[int, ...]
+POSITION_KINDS: tuple[str, ...] = ("all", "prompt", "generated")
+MAX_APPLICATIONS = 16
+
+
+def parse_positions(value: Any, param: str = "positions") -> Positions:
+    """A position kind, or a sorted tuple of distinct non-negative token positions."""
+    if isinstance(value, str):
+        if value not in POSITION_KINDS:
+            raise SteeringValidationError(
+                f"{param} must be one of {', '.join(POSITION_KINDS)} or a list of token positions", param=param)
+        return value  # type: ignore[return-value]
+    try:
+        items = list(value)
+    except TypeError:
+        raise SteeringValidationError(f"{param} must be a position kind or a list of token positions",
+                                      param=param) from None
+    if not items or any(not isinstance(p, int) or isinstance(p, bool) or p < 0 for p in items):
+        raise SteeringValidationError(f"{param} must be a non-empty list of non-negative token positions",
+                                      param=param)
+    return tuple(sorted(set(items)))
+
+
+def describe_positions(positions: Positions) -> str | list[int]:
+    return positions if isinstance(positions, str) else list(positions)
 
 
 @dataclass
 class SteeringApplication:
-    vector: SteeringVector
+    vector: str | SteeringVector
+    """A registered vector's name, or a vector given inline."""
     scale: float = 1.0
-    layers: list[int] | None = None  # None: every layer the vector has values for
+    layers: Sequence[int] | None = None
+    """None: every layer the vector has values for."""
     positions: Positions = "all"
     normalize: bool = False
 
-    def resolved_layers(self) -> list[int]:
-        return sorted(self.layers) if self.layers is not None else self.vector.layers
+    def __post_init__(self) -> None:
+        if not isinstance(self.positions, str):
+            self.positions = tuple(self.positions)
+
+    @property
+    def name(self) -> str | None:
+        return self.vector if isinstance(self.vector, str) else self.vector.name
+
+    def to_dict(self) -> dict[str, Any]:
+        src: dict[str, Any] = ({"name": self.vector} if isinstance(self.vector, str)
+                               else {"values": {str(k): v.tolist() for k, v in sorted(self.vector.values.items())}})
+        return {**src, "scale": self.scale, "layers": None if self.layers is None else list(self.layers),
+                "positions": describe_positions(self.positions), "normalize": self.normalize}
+
+    @classmethod
+    def from_dict(cls, data: Mapping[str, Any]) -> SteeringApplication:
+        vector: str | SteeringVector = data["name"] if data.get("name") is not None else \
+            SteeringVector.from_lists({int(k): v for k, v in data["values"].items()})
+        return cls(vector, float(data.get("scale", 1.0)), data.get("layers"), data.get("positions", "all"),
+                   bool(data.get("normalize", False)))
 
 
 @dataclass
@@ -43,84 +90,99 @@ class SteeringSpec:
     applications: list[SteeringApplication] = field(default_factory=list)
 
     @classmethod
-    def single(cls, vector: SteeringVector, **kwargs) -> "SteeringSpec":
+    def single(cls, vector: str | SteeringVector, **kwargs: Any) -> SteeringSpec:
         return cls([SteeringApplication(vector=vector, **kwargs)])
 
-    def validate(self, hidden_size: int, num_layers: int) -> None:
-        """Check every application against the model before anything runs."""
-        if not self.applications:
-            raise SteeringValidationError("steering spec has no vectors", param="steering.vectors")
-        for i, app in enumerate(self.applications):
-            where = f"steering.vectors[{i}]"
-            app.vector.validate(hidden_size, num_layers)
-            if not isinstance(app.scale, (int, float)) or not math.isfinite(app.scale):
-                raise SteeringValidationError(f"{where}.scale must be a finite number", param=f"{where}.scale")
-            layers = app.resolved_layers()
-            if not layers:
-                raise SteeringValidationError(f"{where}.layers is empty", param=f"{where}.layers")
-            if len(set(layers)) != len(layers):
-                raise SteeringValidationError(f"{where}.layers has duplicates", param=f"{where}.layers")
-            for layer in layers:
-                if not 0 <= layer < num_layers:
-                    raise SteeringValidationError(
-                        f"{where}: layer {layer} does not exist; the model has layers 0..{num_layers - 1}",
-                        param=f"{where}.layers",
-                    )
-                if layer not in app.vector.values:
-                    raise SteeringValidationError(
-                        f"{where}: the vector has no values for layer {layer}; it has layers {app.vector.layers}",
-                        param=f"{where}.layers",
-                    )
-            pos = app.positions
-            if isinstance(pos, str):
-                if pos not in POSITION_KINDS:
-                    raise SteeringValidationError(
-                        f"{where}.positions must be one of {', '.join(POSITION_KINDS)} or a list of token positions",
-                        param=f"{where}.positions",
-                    )
-            else:
-                if not pos or any(not isinstance(p, int) or isinstance(p, bool) or p < 0 for p in pos):
-                    raise SteeringValidationError(
-                        f"{where}.positions must be a non-empty list of non-negative token positions",
-                        param=f"{where}.positions",
-                    )
+    def to_dict(self) -> dict[str, Any]:
+        return {"vectors": [a.to_dict() for a in self.applications]}
 
-    def describe(self) -> list[dict]:
-        """What was applied, for responses and logs."""
-        return [
-            {
-                "name": app.vector.name,
-                "scale": app.scale,
-                "layers": app.resolved_layers(),
-                "positions": app.positions if isinstance(app.positions, str) else list(app.positions),
-                "normalize": app.normalize,
-            }
-            for app in self.applications
-        ]
+    @classmethod
+    def from_dict(cls, data: Mapping[str, Any]) -> SteeringSpec:
+        return cls([SteeringApplication.from_dict(a) for a in data["vectors"]])
 
 
-@dataclass
+@dataclass(frozen=True)
 class ResolvedApplication:
-    """An application with its per-layer values already on the model's device and dtype."""
+    """An application checked against the model: its vector's values for the layers it acts on (CPU)."""
 
-    values: dict[int, torch.Tensor]
+    name: str | None
+    values: Mapping[int, torch.Tensor]
     scale: float
     positions: Positions
     normalize: bool
 
+    @property
+    def layers(self) -> list[int]:
+        return sorted(self.values)
 
-def resolve(spec: SteeringSpec, device: torch.device, dtype: torch.dtype) -> list[ResolvedApplication]:
+    def describe(self) -> dict[str, Any]:
+        return {"name": self.name, "scale": self.scale, "layers": self.layers,
+                "positions": describe_positions(self.positions), "normalize": self.normalize}
+
+
+@dataclass(frozen=True)
+class ResolvedSteering:
+    applications: tuple[ResolvedApplication, ...]
+
+    @property
+    def active(self) -> tuple[ResolvedApplication, ...]:
+        """The applications that change anything (scale 0 is exactly unsteered)."""
+        return tuple(a for a in self.applications if a.scale != 0)
+
+    def describe(self) -> list[dict[str, Any]]:
+        """What was applied, for responses and logs."""
+        return [a.describe() for a in self.applications]
+
+
+VectorLookup = Callable[[str], SteeringVector]
+
+
+def resolve(spec: SteeringSpec, *, hidden_size: int, num_layers: int, max_len: int | None = None,
+            lookup: VectorLookup | None = None, param: str = "steering.vectors") -> ResolvedSteering:
+    """Check every application against the model (and look up named vectors) before anything runs.
+
+    ``max_len``: the longest sequence the model runs; explicit positions beyond it could never act."""
+    apps = spec.applications
+    if not apps:
+        raise SteeringValidationError("steering spec has no vectors", param=param)
+    if len(apps) > MAX_APPLICATIONS:
+        raise SteeringValidationError(f"at most {MAX_APPLICATIONS} steering vectors per request", param=param)
     out = []
-    for app in spec.applications:
-        if app.scale == 0:
-            continue  # scale 0 is exactly unsteered
-        layers = app.resolved_layers()
-        out.append(
-            ResolvedApplication(
-                values={layer: app.vector.values[layer].to(device=device, dtype=dtype) for layer in layers},
-                scale=float(app.scale),
-                positions=app.positions if isinstance(app.positions, str) else tuple(app.positions),
-                normalize=bool(app.normalize),
-            )
-        )
-    return out
+    for i, app in enumerate(apps):
+        where = f"{param}[{i}]"
+        vec = app.vector
+        if isinstance(vec, str):
+            if lookup is None:
+                raise SteeringValidationError(f"{where}: no vector store to find {vec!r} in; give the vector inline",
+                                              param=f"{where}.name")
+            vec = lookup(vec)
+        try:
+            vec.validate(hidden_size, num_layers)
+        except SteeringValidationError as exc:
+            raise SteeringValidationError(f"{where}: {exc.message}", param=f"{where}.{exc.param or 'values'}") \
+                from None
+        if not isinstance(app.scale, (int, float)) or isinstance(app.scale, bool) or not math.isfinite(app.scale):
+            raise SteeringValidationError(f"{where}.scale must be a finite number", param=f"{where}.scale")
+        layers = sorted(app.layers) if app.layers is not None else vec.layers
+        if not layers:
+            raise SteeringValidationError(f"{where}.layers is empty", param=f"{where}.layers")
+        if len(set(layers)) != len(layers):
+            raise SteeringValidationError(f"{where}.layers has duplicates", param=f"{where}.layers")
+        for layer in layers:
+            if not isinstance(layer, int) or not 0 <= layer < num_layers:
+                raise SteeringValidationError(
+                    f"{where}: layer {layer} does not exist; the model has layers 0..{num_layers - 1}",
+                    param=f"{where}.layers")
+            if layer not in vec.values:
+                raise SteeringValidationError(
+                    f"{where}: the vector has no values for layer {layer}; it has layers {vec.layers}",
+                    param=f"{where}.layers")
+        positions = parse_positions(app.positions, f"{where}.positions")
+        if max_len is not None and not isinstance(positions, str) and positions[-1] >= max_len:
+            raise SteeringValidationError(
+                f"{where}.positions: position {positions[-1]} is beyond the longest sequence this model runs "
+                f"({max_len} tokens)", param=f"{where}.positions")
+        out.append(ResolvedApplication(vec.name if isinstance(app.vector, SteeringVector) else app.vector,
+                                       {layer: vec.values[layer] for layer in layers}, float(app.scale),
+                                       positions, bool(app.normalize)))
+    return ResolvedSteering(tuple(out))

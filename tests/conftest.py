@@ -12,8 +12,8 @@ torch.set_num_threads(max(1, min(2, os.cpu_count() or 1)))
 
 from tiny import build_model  # noqa: E402
 
-from steering.engine import Engine, EngineConfig  # noqa: E402
-from steering.loading import load_model  # noqa: E402
+from steering.backends.hf import EngineConfig, HFEngine  # noqa: E402
+from steering.backends.hf.loading import load_model  # noqa: E402
 
 
 @pytest.fixture(scope="session")
@@ -29,10 +29,10 @@ def tiny_lm(tiny_dir):
 @pytest.fixture
 def make_engine(tiny_lm):
     """Start engines on the tiny model; every engine is shut down (and its hooks removed) afterwards."""
-    engines: list[Engine] = []
+    engines: list[HFEngine] = []
 
-    def _make(lm=None, **cfg) -> Engine:
-        eng = Engine(lm or tiny_lm, EngineConfig(**cfg)).start()
+    def _make(lm=None, **cfg) -> HFEngine:
+        eng = HFEngine(lm or tiny_lm, EngineConfig(**cfg)).start()
         engines.append(eng)
         return eng
 

@@ -23,7 +23,7 @@ def free_port() -> int:
 def live_server(engine=None, **settings):
     port = free_port()
     cfg = ServerSettings(host="127.0.0.1", port=port, **settings)
-    app = create_app(cfg, engine=engine)
+    app = create_app(cfg, backend=engine)
     server = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=port, log_level="warning",
                                            timeout_graceful_shutdown=5))
     thread = threading.Thread(target=server.run, daemon=True)

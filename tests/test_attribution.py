@@ -7,16 +7,16 @@ import time
 import pytest
 import torch
 
-from steering.attribution import (
+from steering.tasks.attribution import (
     AttributionLimits,
     AttributionRequest,
     AttributionTarget,
     attribute,
     method_names,
 )
-from steering.attribution.gradients import integration_points
-from steering.errors import RequestValidationError
-from steering.jobs import JobCancelledError
+from steering.tasks.attribution.gradients import integration_points
+from steering.errors import InvalidRequestError
+from steering.engine.jobs import JobCancelledError
 from steering.sampling import SamplingParams
 from steering.spec import SteeringSpec
 from steering.vectors import SteeringVector
@@ -27,7 +27,7 @@ BIG = AttributionLimits(max_n_steps=4096)
 @pytest.fixture(scope="module")
 def lm64(tiny_dir):
     """The tiny model in float64 (its RMSNorms still compute in float32)."""
-    from steering.loading import load_model
+    from steering.backends.hf.loading import load_model
 
     return load_model(str(tiny_dir), device="cpu", dtype="float64")
 
@@ -241,7 +241,7 @@ def test_bad_requests_fail_before_running(tiny_lm, texts, bad, param):
     fields = dict(prompt_ids=prompt, target=AttributionTarget.continuation(yes), method="integrated_gradients",
                   params={}, reduction=None)
     fields.update(bad)
-    with pytest.raises(RequestValidationError) as info:
+    with pytest.raises(InvalidRequestError) as info:
         attribute(tiny_lm, AttributionRequest(**fields))
     assert info.value.param is not None and info.value.param.startswith(param)
     if param == "method":
@@ -252,7 +252,7 @@ def test_job_runs_between_generation_steps(make_engine, tiny_lm, texts):
     """A long attribution is chunked: a generation submitted after it finishes long before it does."""
     prompt, yes, _ = texts
     engine = make_engine(job_chunk_tokens=64)
-    from steering.attribution import prepare
+    from steering.tasks.attribution import prepare
 
     prep = prepare(tiny_lm, AttributionRequest(prompt, AttributionTarget.per_token(yes), "integrated_gradients",
                                                {"n_steps": 256}))
@@ -274,7 +274,7 @@ def test_job_runs_between_generation_steps(make_engine, tiny_lm, texts):
 def test_job_cancel_and_failure_leave_engine_serving(make_engine, tiny_lm, texts):
     prompt, yes, _ = texts
     engine = make_engine(job_chunk_tokens=64)
-    from steering.attribution import prepare
+    from steering.tasks.attribution import prepare
 
     prep = prepare(tiny_lm, AttributionRequest(prompt, AttributionTarget.per_token(yes), "integrated_gradients",
                                                {"n_steps": 512}))
@@ -292,7 +292,7 @@ def test_job_cancel_and_failure_leave_engine_serving(make_engine, tiny_lm, texts
     failed = engine.submit_job(broken)
     with pytest.raises(RuntimeError, match="boom"):
         failed.result(timeout=30)
-    assert engine.num_jobs == 0 and engine.is_alive()
+    assert engine.stats().jobs == 0 and engine.alive()
     assert len(engine.generate(prompt, SamplingParams(max_tokens=3, temperature=0, ignore_eos=True)).token_ids) == 3
     ok = engine.submit_job(prep.work)
     ok.result(timeout=120)
@@ -304,7 +304,7 @@ def test_cli_attribute_writes_json(tiny_dir, tiny_lm, texts, tmp_path):
 
     from typer.testing import CliRunner
 
-    from steering.cli import app
+    from cli.main import app
 
     out = tmp_path / "attr.json"
     args = ["attribute", "--model", str(tiny_dir), "--device", "cpu", "--prompt", "The quick brown fox jumps over",

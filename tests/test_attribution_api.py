@@ -11,10 +11,10 @@ import torch
 from server_util import live_server
 from test_server import metrics, vec_values
 
-from steering.attribution import AttributionRequest as CoreRequest
-from steering.attribution import AttributionTarget, attribute, method_names
-from steering.engine import Engine, EngineConfig
-from steering.prompts import encode_chat, encode_text
+from steering.tasks.attribution import AttributionRequest as CoreRequest
+from steering.tasks.attribution import AttributionTarget, attribute, method_names
+from steering.backends.hf import EngineConfig, HFEngine
+
 from steering.sampling import SamplingParams
 
 PROMPT = "The quick brown fox jumps over"
@@ -23,7 +23,7 @@ MSGS = [{"role": "user", "content": "What is the capital of France?"}]
 
 @pytest.fixture(scope="module")
 def engine(tiny_lm):
-    eng = Engine(tiny_lm, EngineConfig(max_batch_size=8, job_chunk_tokens=256)).start()
+    eng = HFEngine(tiny_lm, EngineConfig(max_batch_size=8, job_chunk_tokens=256)).start()
     yield eng
     eng.shutdown()
 
@@ -46,7 +46,7 @@ def test_continuation_matches_library(url, tiny_lm):
     assert r.status_code == 200, r.text
     out = r.json()
     tok = tiny_lm.tokenizer
-    ids = encode_text(tok, PROMPT)
+    ids = tiny_lm.inputs.encode_text(PROMPT)
     target = tok(" the lazy dog", add_special_tokens=False)["input_ids"]
     ref = attribute(tiny_lm, CoreRequest(ids, AttributionTarget.continuation(target), "integrated_gradients",
                                          {"n_steps": 16}))
@@ -74,7 +74,7 @@ def test_per_token_matrix_from_chat_messages(url, tiny_lm):
     r = post(url, {"messages": MSGS, "target": "Paris is", "per_token": True, "method": "occlusion"})
     assert r.status_code == 200, r.text
     out = r.json()
-    ids = encode_chat(tiny_lm.tokenizer, MSGS)
+    ids = tiny_lm.inputs.encode_chat(MSGS)
     matrix = torch.tensor(out["matrix"])
     assert matrix.shape == (len(out["target"]), len(ids))
     torch.testing.assert_close(matrix.sum(0), torch.tensor([t["score"] for t in out["input_tokens"]]),
@@ -102,7 +102,7 @@ def test_generated_target_is_the_greedy_completion(url, engine, tiny_lm):
     r = post(url, {"prompt": PROMPT, "max_tokens": 5, "method": "saliency", "per_token": True})
     assert r.status_code == 200, r.text
     out = r.json()
-    greedy = engine.generate(encode_text(tiny_lm.tokenizer, PROMPT), SamplingParams(max_tokens=5, temperature=0))
+    greedy = engine.generate(tiny_lm.inputs.encode_text(PROMPT), SamplingParams(max_tokens=5, temperature=0))
     assert out["generated_target"] and [t["id"] for t in out["target"]] == greedy.token_ids
     assert len(out["matrix"]) == len(greedy.token_ids)
     assert out["cost"]["generation_seconds"] > 0
@@ -154,7 +154,7 @@ def test_bad_requests(url, body, param, words):
 
 def test_attribution_does_not_block_streaming(tiny_lm, tmp_path):
     """A long attribution (many chunks) and a streamed chat at once: tokens keep flowing while it runs."""
-    eng = Engine(tiny_lm, EngineConfig(job_chunk_tokens=48)).start()
+    eng = HFEngine(tiny_lm, EngineConfig(job_chunk_tokens=48)).start()
     try:
         with live_server(eng, vector_dir=tmp_path) as (url, _):
             result: dict = {}
@@ -166,14 +166,14 @@ def test_attribution_does_not_block_streaming(tiny_lm, tmp_path):
 
             th = threading.Thread(target=run_attribution)
             th.start()
-            while eng.num_jobs == 0:
+            while eng.stats().jobs == 0:
                 time.sleep(0.001)
             body = {"model": tiny_lm.name, "prompt": "Hello", "max_tokens": 12, "temperature": 0, "ignore_eos": True, "stream": True}
             with httpx.stream("POST", url + "/v1/completions", json=body, timeout=60) as r:
                 assert r.status_code == 200
                 frames = [line for line in r.iter_lines() if line.startswith("data: ")]
             stream_done = time.monotonic()
-            assert eng.num_jobs == 1, "the attribution should still be running"
+            assert eng.stats().jobs == 1, "the attribution should still be running"
             th.join(120)
             assert frames[-1] == "data: [DONE]" and '"finish_reason":"length"' in frames[-2]
             assert result["r"].status_code == 200 and result["t"] > stream_done

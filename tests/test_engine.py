@@ -9,9 +9,10 @@ import time
 import pytest
 import torch
 
-from steering.engine import Engine, GenerationRequest
-from steering.errors import QueueFullError, RequestFailedError, RequestValidationError, SteeringValidationError
-from steering.prompts import encode_chat, encode_text
+from steering.backends.hf import HFEngine
+from steering.engine import GenerationRequest
+from steering.errors import QueueFullError, RequestFailedError, InvalidRequestError, SteeringValidationError
+
 from steering.sampling import SamplingParams
 from steering.spec import SteeringApplication, SteeringSpec
 from steering.vectors import SteeringVector
@@ -37,14 +38,14 @@ def rand_vector(lm, seed: int, layers=None, name=None) -> SteeringVector:
 
 
 def ids(lm, text: str) -> list[int]:
-    return encode_text(lm.tokenizer, text)
+    return lm.inputs.encode_text(text)
 
 
-def run_alone(engine: Engine, prompt_ids, sampling, steering=None):
+def run_alone(engine: HFEngine, prompt_ids, sampling, steering=None):
     return engine.generate(prompt_ids, sampling, steering).token_ids
 
 
-def run_together(engine: Engine, reqs):
+def run_together(engine: HFEngine, reqs):
     handles = [engine.submit(GenerationRequest(p, s, st)) for p, s, st in reqs]
     return [h.result().token_ids for h in handles]
 
@@ -122,7 +123,7 @@ def test_explicit_positions_only_touch_those_positions(tiny_lm, make_engine):
 
 def test_normalize_preserves_token_norm(tiny_lm):
     """The hook's rule on a real layer output: h' = (h + s v) ||h|| / ||h + s v||, per token."""
-    from steering.hooks import SteeringBatch, SteeringHooks
+    from steering.backends.hf.hooks import SteeringBatch, SteeringHooks, to_device
     from steering.spec import resolve
 
     lm = tiny_lm
@@ -135,7 +136,9 @@ def test_normalize_preserves_token_norm(tiny_lm):
     pre = lm.layers[1].register_forward_hook(lambda m, a, o: captured.__setitem__("pre", o.clone()), prepend=True)
     try:
         x = torch.tensor([ids(lm, PROMPTS[3])])
-        batch = SteeringBatch([resolve(spec, lm.device, lm.dtype)], lm.hidden_size, lm.device, lm.dtype)
+        apps = to_device(resolve(spec, hidden_size=lm.hidden_size, num_layers=lm.num_layers).applications,
+                         lm.device, lm.dtype)
+        batch = SteeringBatch([apps], lm.hidden_size, lm.device, lm.dtype)
         T = x.shape[1]
         step = batch.gates(torch.arange(T).unsqueeze(0), torch.tensor([T]))
         with torch.no_grad(), hooks.active(step):
@@ -184,15 +187,15 @@ def test_cancel_frees_slot(tiny_lm, make_engine):
     next(it)
     waiting = engine.submit(GenerationRequest(ids(tiny_lm, PROMPTS[1]), greedy(4)))
     time.sleep(0.05)
-    assert engine.num_running == 1 and engine.num_waiting == 1
+    assert engine.stats().running == 1 and engine.stats().waiting == 1
     long.cancel()
     outs = list(it)
     assert outs[-1].finish_reason == "abort"
     assert len(waiting.result().token_ids) == 4
     deadline = time.time() + 5
-    while engine.num_running and time.time() < deadline:
+    while engine.stats().running and time.time() < deadline:
         time.sleep(0.01)
-    assert engine.num_running == 0 and engine.num_waiting == 0
+    assert engine.stats().running == 0 and engine.stats().waiting == 0
 
 
 def test_engine_serves_after_failing_request(tiny_lm, make_engine):
@@ -209,7 +212,7 @@ def test_engine_serves_after_failing_request(tiny_lm, make_engine):
     with pytest.raises(RequestFailedError, match="boom"):
         bad.result()
     assert good.result().token_ids == good_before
-    assert engine.is_alive()
+    assert engine.alive()
     assert run_alone(engine, ids(tiny_lm, PROMPTS[1]), greedy(12)) == good_before
     steering_hooks = [sum("SteeringHooks" in getattr(h, "__qualname__", "") for h in layer._forward_hooks.values())
                       for layer in tiny_lm.layers]
@@ -235,11 +238,11 @@ def test_steering_validation(tiny_lm, make_engine):
         engine.submit(GenerationRequest(p, greedy(), SteeringSpec.single(rand_vector(tiny_lm, 0), scale=float("inf"))))
     with pytest.raises(SteeringValidationError, match="positions"):
         engine.submit(GenerationRequest(p, greedy(), SteeringSpec.single(rand_vector(tiny_lm, 0), positions="late")))
-    with pytest.raises(RequestValidationError, match="maximum context length"):
+    with pytest.raises(InvalidRequestError, match="maximum context length"):
         engine.submit(GenerationRequest(p, greedy(10_000)))
-    with pytest.raises(RequestValidationError, match="top_p"):
+    with pytest.raises(InvalidRequestError, match="top_p"):
         engine.submit(GenerationRequest(p, SamplingParams(top_p=0)))
-    assert engine.num_waiting == 0 and engine.num_running == 0
+    assert engine.stats().waiting == 0 and engine.stats().running == 0
 
 
 def test_queue_full(tiny_lm, make_engine):
@@ -317,7 +320,7 @@ def test_min_tokens_and_eos(tiny_lm, make_engine):
 
 def test_streaming_text_equals_final_text_and_async(tiny_lm, make_engine):
     engine = make_engine()
-    p = encode_chat(tiny_lm.tokenizer, [{"role": "user", "content": "Hello café 東京"}])
+    p = tiny_lm.inputs.encode_chat([{"role": "user", "content": "Hello café 東京"}])
 
     async def main():
         loop = asyncio.get_running_loop()
@@ -357,4 +360,4 @@ def test_long_generation_grows_kv_cache(tiny_lm, make_engine):
     uncached = make_engine(use_kv_cache=False)
     reqs = [(ids(tiny_lm, t), greedy(40), None) for t in PROMPTS[:4]]
     assert run_together(cached, reqs) == run_together(uncached, reqs)
-    assert cached.cache.capacity >= 40
+    assert cached.runner.cache.capacity >= 40

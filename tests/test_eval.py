@@ -11,10 +11,10 @@ import time
 import pytest
 import torch
 
-from steering.builders import BuildRequest, build
+from steering.tasks.builders import BuildRequest, build
 from steering.datasets import PreferenceExample, TruthfulQAItem, read_truthfulqa
-from steering.errors import RequestValidationError, SteeringValidationError
-from steering.evaluation import (
+from steering.errors import InvalidRequestError, SteeringValidationError
+from steering.tasks.evaluation import (
     Condition,
     QAFormat,
     SteerEvalRequest,
@@ -27,10 +27,11 @@ from steering.evaluation import (
     relative_applications,
     start_steer,
 )
-from steering.evaluation.report import mcnemar_p, paired
-from steering.evaluation.truthfulqa import encode_questions, question_scores
-from steering.jobs import JobCancelledError
-from steering.registry import ModelIdentity, VectorRegistry
+from steering.tasks.evaluation.report import mcnemar_p, paired
+from steering.tasks.evaluation.truthfulqa import encode_questions, question_scores
+from steering.engine.jobs import JobCancelledError
+from steering.engine import ModelIdentity
+from steering.store import VectorStore
 from steering.spec import SteeringApplication, SteeringSpec
 
 CSV = (
@@ -125,11 +126,11 @@ def test_chat_format_and_template_checks(tiny_lm, items):
     assert "Question: Is the sky green?" in text and chat[0].prompt != raw[0].prompt
     assert tiny_lm.tokenizer.decode(raw[0].answers[0]) == " No it is blue"
     assert tiny_lm.tokenizer.decode(chat[0].answers[0]) == "No it is blue"
-    with pytest.raises(RequestValidationError, match="must contain"):
+    with pytest.raises(InvalidRequestError, match="must contain"):
         encode_questions(tiny_lm, items, QAFormat("no field"))
-    with pytest.raises(RequestValidationError, match="no other field"):
+    with pytest.raises(InvalidRequestError, match="no other field"):
         encode_questions(tiny_lm, items, QAFormat("{question} {other}"))
-    with pytest.raises(RequestValidationError, match="no questions"):
+    with pytest.raises(InvalidRequestError, match="no questions"):
         evaluate_truthfulqa(tiny_lm, TruthfulQARequest([], []))
 
 
@@ -145,7 +146,7 @@ def test_conditions_relative_and_labels(tiny_lm, vec):
     assert [a.scale for a in apps] == pytest.approx([0.5 * vec.metadata["hidden_norms"][str(x)] for x in (1, 2)])
     from steering.vectors import SteeringVector
 
-    with pytest.raises(RequestValidationError, match="relative scales need"):
+    with pytest.raises(InvalidRequestError, match="relative scales need"):
         relative_applications(SteeringVector({1: vec.values[1]}, name="bare"), 1.0)
     assert label_for("v", [3], 1.5, False) == "v@L3 x1.5" and label_for("v", [1, 2, 3, 4], 0.5, True) == \
         "v@L1-4 x0.5 rel"
@@ -153,7 +154,7 @@ def test_conditions_relative_and_labels(tiny_lm, vec):
     with pytest.raises(SteeringValidationError, match=r"conditions\[0\] \(x\)"):
         evaluate_truthfulqa(tiny_lm, TruthfulQARequest([TruthfulQAItem("q", "a", (), ("b",))], [bad]))
     dup = [Condition("unsteered", SteeringSpec([SteeringApplication(vec, 1.0, [1])]))]
-    with pytest.raises(RequestValidationError, match="unique"):
+    with pytest.raises(InvalidRequestError, match="unique"):
         evaluate_truthfulqa(tiny_lm, TruthfulQARequest([TruthfulQAItem("q", "a", (), ("b",))], dup))
 
 
@@ -165,11 +166,11 @@ def test_scorers_and_distinct_n():
     assert get_scorer("sentiment", {"component": "neg"}).score(["I hate it"])[0] > 0.5
     kw = get_scorer("keywords", {"words": ["cat", "dog"]})
     assert kw.score(["A Cat sat.", "concatenate", "no"]) == [1.0, 0.0, 0.0]
-    with pytest.raises(RequestValidationError, match="valid: keywords, sentiment"):
+    with pytest.raises(InvalidRequestError, match="valid: keywords, sentiment"):
         get_scorer("sentimnet")
-    with pytest.raises(RequestValidationError, match="unknown parameter"):
+    with pytest.raises(InvalidRequestError, match="unknown parameter"):
         get_scorer("sentiment", {"compnent": "pos"})
-    with pytest.raises(RequestValidationError, match="words"):
+    with pytest.raises(InvalidRequestError, match="words"):
         get_scorer("keywords", {})
     assert distinct_n(["a b a b", "a b"], 1) == pytest.approx(2 / 6)
     assert distinct_n(["a b a b", "a b"], 2) == pytest.approx(2 / 4)
@@ -220,13 +221,13 @@ def test_steer_eval_generates_scores_and_measures_perplexity(make_engine, tiny_l
 
 
 def test_steer_eval_checks_before_work_and_cancels(make_engine, tiny_lm, vec):
-    with pytest.raises(RequestValidationError, match="no prompts"):
+    with pytest.raises(InvalidRequestError, match="no prompts"):
         prepare_steer(tiny_lm, SteerEvalRequest([]))
-    with pytest.raises(RequestValidationError, match="unknown scorer"):
+    with pytest.raises(InvalidRequestError, match="unknown scorer"):
         prepare_steer(tiny_lm, SteerEvalRequest(["hi"], scorer="nope"))
-    with pytest.raises(RequestValidationError, match="temperature"):
+    with pytest.raises(InvalidRequestError, match="temperature"):
         prepare_steer(tiny_lm, SteerEvalRequest(["hi"], temperature=-1))
-    with pytest.raises(RequestValidationError, match="longer than the model"):
+    with pytest.raises(InvalidRequestError, match="longer than the model"):
         prepare_steer(tiny_lm, SteerEvalRequest(["hi"], max_tokens=10**6))
     engine = make_engine(max_batch_size=1)
     prep = prepare_steer(tiny_lm, SteerEvalRequest(PROMPTS * 4, scorer=None, chat=False, max_tokens=64))
@@ -236,9 +237,9 @@ def test_steer_eval_checks_before_work_and_cancels(make_engine, tiny_lm, vec):
     with pytest.raises(JobCancelledError):
         handle.result(timeout=30)
     deadline = time.time() + 10
-    while (engine.num_running or engine.num_waiting) and time.time() < deadline:
+    while (engine.stats().running or engine.stats().waiting) and time.time() < deadline:
         time.sleep(0.01)
-    assert engine.num_running == 0 and engine.num_waiting == 0
+    assert engine.stats().running == 0 and engine.stats().waiting == 0
     assert engine.generate(prep.prompt_ids[0]).token_ids  # the engine still serves
 
 
@@ -246,9 +247,9 @@ def test_steer_eval_checks_before_work_and_cancels(make_engine, tiny_lm, vec):
 def test_cli_eval(tiny_dir, tiny_lm, vec, tmp_path):
     from typer.testing import CliRunner
 
-    from steering.cli import app
+    from cli.main import app
 
-    reg = VectorRegistry(tmp_path / "vecs", ModelIdentity.of(tiny_lm))
+    reg = VectorStore(tmp_path / "vecs", tiny_lm.info.identity())
     reg.put("pos", vec)
     csv_path = tmp_path / "tqa.csv"
     csv_path.write_text(CSV)

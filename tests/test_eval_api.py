@@ -9,10 +9,11 @@ from server_util import live_server
 
 from clients import SteerClient, SteerServeError
 from clients.steerserve_client import read_truthfulqa_csv
-from steering.builders import BuildRequest, build
+from steering.tasks.builders import BuildRequest, build
 from steering.datasets import PreferenceExample
-from steering.engine import Engine, EngineConfig
-from steering.registry import ModelIdentity, VectorRegistry
+from steering.backends.hf import EngineConfig, HFEngine
+from steering.engine import ModelIdentity
+from steering.store import VectorStore
 
 CSV = (
     "Type,Category,Question,Best Answer,Correct Answers,Incorrect Answers,Source\n"
@@ -27,8 +28,8 @@ def server(tiny_lm, tmp_path_factory):
     vd = tmp_path_factory.mktemp("vectors")
     vec = build(tiny_lm, BuildRequest([PreferenceExample("The day was", "good", "bad"),
                                        PreferenceExample("My friend is", "kind", "cruel")], "caa")).vector
-    VectorRegistry(vd, ModelIdentity.of(tiny_lm)).put("pos", vec)
-    engine = Engine(tiny_lm, EngineConfig(max_batch_size=4, job_chunk_tokens=128)).start()
+    VectorStore(vd, tiny_lm.info.identity()).put("pos", vec)
+    engine = HFEngine(tiny_lm, EngineConfig(max_batch_size=4, job_chunk_tokens=128)).start()
     with live_server(engine, vector_dir=vd, job_chunk_tokens=128) as (url, app):
         yield url, vec
     engine.shutdown()

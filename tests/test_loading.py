@@ -8,11 +8,11 @@ from torch import nn
 from tiny import build_model
 from typer.testing import CliRunner
 
-from steering.cli import app
-from steering.engine import Engine
+from cli.main import app
+from steering.backends.hf import HFEngine
 from steering.errors import ModelLoadError
-from steering.layers import find_decoder_layers
-from steering.loading import load_model, resolve_dtype, resolve_device
+from steering.backends.hf.layers import find_decoder_layers
+from steering.backends.hf.loading import load_model, resolve_dtype, resolve_device
 from steering.sampling import SamplingParams
 from steering.spec import SteeringSpec
 from steering.vectors import SteeringVector
@@ -29,7 +29,7 @@ def test_architectures_load_find_layers_and_steer(tmp_path, arch, layers_attr):
     assert lm.layers is obj and lm.num_layers == 3 and lm.hidden_size == 64
     # longer than the 8-token sliding window of the windowed variants, prompt and generation both
     ids = lm.tokenizer("The quick brown fox jumps over the lazy dog. Hello world!")["input_ids"]
-    with Engine(lm).start() as engine:
+    with HFEngine(lm).start() as engine:
         sp = SamplingParams(max_tokens=12, temperature=0, ignore_eos=True)
         ref = lm.model.generate(torch.tensor([ids]), max_new_tokens=12, min_new_tokens=12, do_sample=False,
                                 pad_token_id=lm.tokenizer.pad_token_id)[0, len(ids):].tolist()

@@ -8,9 +8,10 @@ import sys
 import pytest
 import torch
 
-from steering.engine import Engine, GenerationRequest
-from steering.loading import _COMPLETE_MARKER, default_gguf_path
-from steering.prompts import encode_chat
+from steering.backends.hf import HFEngine
+from steering.engine import GenerationRequest
+from steering.backends.hf.loading import _COMPLETE_MARKER, default_gguf_path
+
 from steering.sampling import SamplingParams
 from steering.spec import SteeringSpec
 from steering.vectors import SteeringVector
@@ -28,9 +29,9 @@ def test_default_model_identity(real_lm):
 
 
 def test_chat_answer_and_steering_changes_it(real_lm):
-    ids = encode_chat(real_lm.tokenizer, [{"role": "user", "content": "What is the capital of France?"}])
+    ids = real_lm.inputs.encode_chat([{"role": "user", "content": "What is the capital of France?"}])
     sp = SamplingParams(max_tokens=24, temperature=0)
-    with Engine(real_lm).start() as engine:
+    with HFEngine(real_lm).start() as engine:
         plain = engine.generate(ids, sp)
         assert "Paris" in plain.text and plain.finish_reason == "stop"
         g = torch.Generator().manual_seed(0)
@@ -47,7 +48,7 @@ def test_chat_answer_and_steering_changes_it(real_lm):
 
 def test_concurrent_conversion_into_fresh_cache(tmp_path):
     """Two processes converting the GGUF at once into the same cache both succeed; one copy remains."""
-    code = ("import sys; from pathlib import Path; from steering.loading import convert_gguf, default_gguf_path;"
+    code = ("import sys; from pathlib import Path; from steering.backends.hf.loading import convert_gguf, default_gguf_path;"
             "print(convert_gguf(default_gguf_path(), Path(sys.argv[1])))")
     procs = [subprocess.Popen([sys.executable, "-c", code, str(tmp_path)], stdout=subprocess.PIPE,
                               stderr=subprocess.DEVNULL, text=True) for _ in range(2)]
@@ -67,13 +68,13 @@ def test_openai_sdk_against_default_model(real_lm, tmp_path):
     msgs = [{"role": "user", "content": "What is the capital of France?"}]
     g = torch.Generator().manual_seed(1)
     values = {l: torch.randn(576, generator=g).tolist() for l in (10, 11, 12)}
-    with Engine(real_lm).start() as engine, live_server(engine, vector_dir=tmp_path) as (url, _):
+    with HFEngine(real_lm).start() as engine, live_server(engine, vector_dir=tmp_path) as (url, _):
         client = openai.OpenAI(base_url=url + "/v1", api_key="x", max_retries=0)
         assert client.models.list().data[0].id == "SmolLM2-135M-Instruct"
         r = client.chat.completions.create(model="SmolLM2-135M-Instruct", messages=msgs, max_tokens=20,
                                            temperature=0)
         assert "Paris" in r.choices[0].message.content
-        plain = engine.generate(encode_chat(real_lm.tokenizer, msgs), SamplingParams(max_tokens=20, temperature=0))
+        plain = engine.generate(real_lm.inputs.encode_chat(msgs), SamplingParams(max_tokens=20, temperature=0))
         assert r.choices[0].message.content == plain.text
         stream = client.chat.completions.create(
             model="SmolLM2-135M-Instruct", messages=msgs, max_tokens=20, temperature=0, stream=True,
@@ -90,7 +91,7 @@ def test_attribution_on_default_model(real_lm, tmp_path):
     from server_util import live_server
 
     prompt = "The capital of France is"
-    with Engine(real_lm).start() as engine, live_server(engine, vector_dir=tmp_path) as (url, _):
+    with HFEngine(real_lm).start() as engine, live_server(engine, vector_dir=tmp_path) as (url, _):
         r = httpx.post(url + "/v1/attributions", json={"prompt": prompt, "target": " Paris", "method": "occlusion",
                                                        "top_k": 3}, timeout=300)
         assert r.status_code == 200, r.text
@@ -113,7 +114,7 @@ def test_grains_build_and_sweep_on_default_model(real_lm):
     hidden norms growing with depth as SmolLM2's do, and a sweep that changes the unsteered scores."""
     from pathlib import Path
 
-    from steering.builders import BuildRequest, SweepConfig, build
+    from steering.tasks.builders import BuildRequest, SweepConfig, build
     from steering.datasets import load_examples
 
     data = Path(__file__).parents[1].parent / "shared" / "data" / "truthfulqa_dev.csv"
@@ -138,9 +139,9 @@ def test_truthfulqa_eval_agrees_with_the_sweep_baseline(real_lm):
     the same rows (two code paths, one protocol), and MC1 <= binary (MC1 also beats every other wrong answer)."""
     from pathlib import Path
 
-    from steering.builders import SweepConfig, sweep
+    from steering.tasks.builders import SweepConfig, sweep
     from steering.datasets import load_examples, parse_rows, read_truthfulqa
-    from steering.evaluation import TruthfulQARequest, evaluate_truthfulqa
+    from steering.tasks.evaluation import TruthfulQARequest, evaluate_truthfulqa
     from steering.vectors import SteeringVector
 
     data = Path(__file__).parents[1].parent / "shared" / "data" / "truthfulqa_dev.csv"
@@ -163,9 +164,9 @@ def test_sentiment_vector_shifts_vader_on_neutral_prompts(real_lm):
     answers to neutral prompts, at a bounded perplexity cost (the setting chosen in docs/experiments.md)."""
     from pathlib import Path
 
-    from steering.builders import BuildRequest, build
+    from steering.tasks.builders import BuildRequest, build
     from steering.datasets import load_examples
-    from steering.evaluation import Condition, SteerEvalRequest, prepare_steer, relative_applications, start_steer
+    from steering.tasks.evaluation import Condition, SteerEvalRequest, prepare_steer, relative_applications, start_steer
     from steering.spec import SteeringSpec
 
     docs = Path(__file__).parents[1] / "docs" / "data"
@@ -174,7 +175,7 @@ def test_sentiment_vector_shifts_vader_on_neutral_prompts(real_lm):
     vec.name = "sentiment"
     prompts = (docs / "neutral_prompts.txt").read_text().splitlines()[:6]
     cond = Condition("s", SteeringSpec(relative_applications(vec, 0.25, [10])))
-    with Engine(real_lm).start() as engine:
+    with HFEngine(real_lm).start() as engine:
         rep = start_steer(engine, prepare_steer(real_lm, SteerEvalRequest(prompts, [cond], max_tokens=32))).result()
     steered = rep.as_dict()["conditions"][1]
     assert steered["versus_baseline"]["score"]["diff"] > 0.1, rep.markdown()

@@ -13,8 +13,8 @@ import torch
 from prometheus_client.parser import text_string_to_metric_families
 from server_util import live_server
 
-from steering.engine import Engine, EngineConfig
-from steering.prompts import encode_chat, encode_text
+from steering.backends.hf import EngineConfig, HFEngine
+
 from steering.sampling import SamplingParams
 from steering.vectors import SteeringVector
 
@@ -23,7 +23,7 @@ MSGS = [{"role": "user", "content": "What is the capital of France?"}]
 
 @pytest.fixture(scope="module")
 def engine(tiny_lm):
-    eng = Engine(tiny_lm, EngineConfig(max_batch_size=8, max_queue_size=64)).start()
+    eng = HFEngine(tiny_lm, EngineConfig(max_batch_size=8, max_queue_size=64)).start()
     yield eng
     eng.shutdown()
 
@@ -74,7 +74,7 @@ def test_models_and_probes(server, client, model_name):
 
 def test_chat_matches_engine_and_usage(server, client, engine, tiny_lm, model_name):
     r = client.chat.completions.create(model=model_name, messages=MSGS, max_tokens=12, temperature=0)
-    ids = encode_chat(tiny_lm.tokenizer, MSGS)
+    ids = tiny_lm.inputs.encode_chat(MSGS)
     plain = engine.generate(ids, SamplingParams(max_tokens=12, temperature=0))
     assert r.choices[0].message.content == plain.text
     assert r.choices[0].message.role == "assistant"
@@ -85,7 +85,7 @@ def test_chat_matches_engine_and_usage(server, client, engine, tiny_lm, model_na
 def test_completion_with_logprobs_and_n(server, client, engine, tiny_lm, model_name):
     r = client.completions.create(model=model_name, prompt="The quick brown fox", max_tokens=6, temperature=0,
                                   logprobs=2)
-    plain = engine.generate(encode_text(tiny_lm.tokenizer, "The quick brown fox"),
+    plain = engine.generate(tiny_lm.inputs.encode_text("The quick brown fox"),
                             SamplingParams(max_tokens=6, temperature=0))
     assert r.choices[0].text == plain.text
     assert len(r.choices[0].logprobs.token_logprobs) == 6
@@ -160,12 +160,12 @@ def test_named_vector_store_roundtrip(server, client, tiny_lm, model_name, tmp_p
     assert steered.choices[0].message.content != plain.choices[0].message.content
     # the registry is reloaded from disk by a new app over the same directory
     services = app.state.steerserve.services
-    vec_dir = services.vectors.registry.root
+    vec_dir = services.store.root
     assert sorted(p.name for p in vec_dir.iterdir()) == ["fromfile.safetensors", "happy.safetensors"]
     assert httpx.delete(url + "/v1/steering/vectors/fromfile").status_code == 200
     assert httpx.get(url + "/v1/steering/vectors/fromfile").status_code == 404
     m_ = metrics(url)
-    assert m(m_, "steerserve_steering_vectors_loaded") == len(services.vectors.registry)
+    assert m(m_, "steerserve_steering_vectors_loaded") == len(services.store)
     assert m(m_, "steerserve_steered_requests_total", vector="happy") >= 1
 
 
@@ -221,10 +221,10 @@ def test_error_envelopes(server, model_name):
 def test_tokenize_detokenize(server, tiny_lm, model_name):
     url, _ = server
     r = httpx.post(url + "/tokenize", json={"model": model_name, "prompt": "Hello world"}).json()
-    assert r["tokens"] == encode_text(tiny_lm.tokenizer, "Hello world") and r["count"] == len(r["tokens"])
+    assert r["tokens"] == tiny_lm.inputs.encode_text("Hello world") and r["count"] == len(r["tokens"])
     assert httpx.post(url + "/detokenize", json={"tokens": r["tokens"]}).json()["prompt"] == "Hello world"
     r = httpx.post(url + "/tokenize", json={"messages": MSGS}).json()
-    assert r["tokens"] == encode_chat(tiny_lm.tokenizer, MSGS)
+    assert r["tokens"] == tiny_lm.inputs.encode_chat(MSGS)
     assert httpx.post(url + "/detokenize", json={"tokens": [10**9]}).status_code == 400
 
 
@@ -273,7 +273,7 @@ def test_disconnect_cancels_and_metrics_match_traffic(server, model_name):
 
 
 def test_queue_full_is_503_with_retry_after(tiny_lm, tmp_path):
-    eng = Engine(tiny_lm, EngineConfig(max_batch_size=1, max_queue_size=1)).start()
+    eng = HFEngine(tiny_lm, EngineConfig(max_batch_size=1, max_queue_size=1)).start()
     try:
         with live_server(eng, vector_dir=tmp_path) as (url, _), httpx.Client(timeout=60) as c:
             body = {"model": tiny_lm.name, "prompt": "Hello", "max_tokens": 500, "ignore_eos": True}
@@ -294,8 +294,8 @@ def test_queue_full_is_503_with_retry_after(tiny_lm, tmp_path):
         eng.shutdown()
 
 
-def test_api_key(tiny_lm, engine, tmp_path):
-    with live_server(engine, vector_dir=tmp_path, api_key="sekret") as (url, _):
+def test_api_key(tiny_lm, make_engine, tmp_path):
+    with live_server(make_engine(), vector_dir=tmp_path, api_key="sekret") as (url, _):
         with pytest.raises(openai.AuthenticationError):
             openai.OpenAI(base_url=url + "/v1", api_key="wrong", max_retries=0).models.list()
         r = httpx.get(url + "/v1/models")
@@ -306,7 +306,7 @@ def test_api_key(tiny_lm, engine, tmp_path):
 
 
 def test_error_after_stream_started(tiny_lm, tmp_path):
-    eng = Engine(tiny_lm).start()
+    eng = HFEngine(tiny_lm).start()
     with live_server(eng, vector_dir=tmp_path) as (url, _):
         body = {"model": tiny_lm.name, "prompt": "Hello", "max_tokens": 400, "ignore_eos": True, "stream": True}
         with httpx.stream("POST", url + "/v1/completions", json=body) as r:
@@ -322,7 +322,8 @@ def test_error_after_stream_started(tiny_lm, tmp_path):
         assert httpx.get(url + "/ready").status_code == 503
 
 
-def test_registry_reload_and_model_mismatch(tiny_lm, engine, tmp_path):
+def test_registry_reload_and_model_mismatch(tiny_lm, make_engine, tmp_path):
+    engine = make_engine()
     values = vec_values(tiny_lm, 4, layers=[0])
     with live_server(engine, vector_dir=tmp_path) as (url, _):
         assert httpx.post(url + "/v1/steering/vectors", json={"name": "keep", "values": values}).status_code == 201
@@ -332,7 +333,7 @@ def test_registry_reload_and_model_mismatch(tiny_lm, engine, tmp_path):
     with live_server(engine, vector_dir=tmp_path) as (url, app):
         names = [v["name"] for v in httpx.get(url + "/v1/steering/vectors").json()["data"]]
         assert names == ["keep"]
-        assert "foreign.safetensors" in app.state.steerserve.services.vectors.registry.skipped
+        assert "foreign.safetensors" in app.state.steerserve.services.store.skipped
 
 
 def test_python_client(server, tiny_lm, model_name):
@@ -392,7 +393,7 @@ def test_serve_command_with_env_and_flags(tiny_dir, tmp_path):
     port = free_port()
     env = os.environ | {"STEERSERVE_VECTOR_DIR": str(tmp_path), "STEERSERVE_API_KEY": "k1",
                         "STEERSERVE_MODEL": str(tiny_dir)}
-    proc = subprocess.Popen([sys.executable, "-m", "server.cli", "serve", "--port", str(port),
+    proc = subprocess.Popen([sys.executable, "-m", "cli", "serve", "--port", str(port),
                              "--served-model-name", "tiny", "--device", "cpu"], env=env,
                             stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     try:

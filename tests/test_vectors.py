@@ -16,19 +16,21 @@ import pytest
 import torch
 from tiny import build_model
 
-from steering.attribution.gradients import integration_points
-from steering.attribution.packed import integrated_gradients
-from steering.builders import BuildRequest, SweepConfig, build, encode, sweep
-from steering.builders.grains import masked, select
-from steering.builders.registry import BuilderParams, principal_direction
+from steering.tasks.attribution.gradients import integration_points
+from steering.tasks.attribution.packed import integrated_gradients
+from steering.tasks.builders import BuildRequest, SweepConfig, build, encode, sweep
+from steering.tasks.builders.grains import masked, select
+from steering.tasks.builders.registry import BuilderParams, principal_direction
 from steering.datasets import PreferenceExample, dataset_hash, load_examples, parse_rows
-from steering.errors import RequestValidationError, SteeringValidationError
-from steering.jobs import JobCancelledError, run_job
-from steering.loading import load_model
-from steering.packing import answer_rows
-from steering.registry import ModelIdentity, ModelMismatchError, VectorExistsError, VectorRegistry
+from steering.errors import InvalidRequestError, SteeringValidationError
+from steering.backends.hf import run_job
+from steering.errors import JobCancelledError
+from steering.backends.hf.loading import load_model
+from steering.tasks.packing import answer_rows
+from steering.engine import ModelIdentity
+from steering.store import ModelMismatchError, VectorExistsError, VectorStore
 from steering.sampling import SamplingParams
-from steering.scoring import score_answers
+from steering.tasks.scoring import score_answers
 from steering.vectors import SteeringVector
 
 EXAMPLES = [
@@ -167,7 +169,7 @@ def test_grains_modes_layers_and_metadata(tiny_lm):
         torch.testing.assert_close(sub.vector.values[layer], vb.values[layer], atol=1e-5, rtol=1e-4)
     md = vb.metadata
     assert md["method"] == "grains" and md["params"]["k"] == 3 and md["params"]["mode"] == "both"
-    assert md["model"] == ModelIdentity.of(tiny_lm).as_dict()
+    assert md["model"] == tiny_lm.info.identity().as_dict()
     assert md["dataset"] == {"hash": dataset_hash(EXAMPLES), "examples": len(EXAMPLES)}
     assert all(n > 0 for n in md["hidden_norms"].values())
     assert all(len(s["pos"]) <= 3 and len(s["neg"]) <= 3 for s in md["info"]["selections"])
@@ -233,9 +235,9 @@ def test_bad_build_requests_fail_before_model_work(tiny_lm):
         (dict(sweep=SweepConfig()), "a sweep needs validation examples"),
     ]
     for kwargs, msg in cases:
-        with pytest.raises(RequestValidationError, match=msg):
+        with pytest.raises(InvalidRequestError, match=msg):
             build(tiny_lm, BuildRequest(EXAMPLES, **kwargs))
-    with pytest.raises(RequestValidationError, match="encode to tokens"):
+    with pytest.raises(InvalidRequestError, match="encode to tokens"):
         build(tiny_lm, BuildRequest([PreferenceExample("", "a", "b")]))
 
 
@@ -273,7 +275,7 @@ def test_sweep_scores_each_layer_and_scale_like_a_hooked_forward(tiny_lm):
     ref = margins(2, absolute)
     assert row["margin"] == pytest.approx(sum(ref) / 3, abs=1e-3)
     assert row["margin"] != pytest.approx(res.baseline["margin"], abs=1e-3)
-    with pytest.raises(RequestValidationError, match="relative scales need"):
+    with pytest.raises(InvalidRequestError, match="relative scales need"):
         sweep(tiny_lm, SteeringVector({1: vec.values[1]}), EXAMPLES[:1], SweepConfig(layers=[1]))
     build_then_sweep = build(tiny_lm, BuildRequest(EXAMPLES, "caa", validation=EXAMPLES[:3],
                                                    sweep=SweepConfig(scales=[0.5, 2.0], layers=[1, 2])))
@@ -288,7 +290,7 @@ def test_data_files(tmp_path):
     assert load_examples(good) == EXAMPLES and load_examples(good, "1-2") == EXAMPLES[1:3]
     bad = tmp_path / "bad.jsonl"
     bad.write_text(json.dumps({"prompt": "a", "preferred": "b", "disprefered": "c"}) + "\n")
-    with pytest.raises(RequestValidationError, match="bad.jsonl:1: each line needs exactly"):
+    with pytest.raises(InvalidRequestError, match="bad.jsonl:1: each line needs exactly"):
         load_examples(bad)
     csv_path = tmp_path / "tqa.csv"
     csv_path.write_text('Type,Category,Question,Best Answer,Correct Answers,Incorrect Answers,Source\n'
@@ -296,14 +298,14 @@ def test_data_files(tmp_path):
     (ex,) = load_examples(csv_path)
     assert ex == PreferenceExample("Q: Is the sky green?\nA:", "No", "Yes")
     assert parse_rows("0-2,5", 10) == [0, 1, 2, 5] and parse_rows("3:5", 10) == [3, 4]
-    with pytest.raises(RequestValidationError, match="out of range"):
+    with pytest.raises(InvalidRequestError, match="out of range"):
         parse_rows("0-20", 10)
     assert dataset_hash(EXAMPLES) == dataset_hash(list(EXAMPLES)) != dataset_hash(EXAMPLES[:2])
 
 
 # -- registry ------------------------------------------------------------------------------------------------------
 def test_registry_rename_and_model_identity(tiny_lm, tmp_path):
-    reg = VectorRegistry(tmp_path, ModelIdentity.of(tiny_lm))
+    reg = VectorStore(tmp_path, tiny_lm.info.identity())
     reg.load_all()
     vec = build(tiny_lm, BuildRequest(EXAMPLES, "caa")).vector
     reg.put("a", vec)
@@ -313,7 +315,7 @@ def test_registry_rename_and_model_identity(tiny_lm, tmp_path):
     reg.rename("a", "c")
     assert reg.names() == ["b", "c"] and sorted(p.name for p in tmp_path.iterdir()) == ["b.safetensors",
                                                                                       "c.safetensors"]
-    again = VectorRegistry(tmp_path, ModelIdentity.of(tiny_lm))
+    again = VectorStore(tmp_path, tiny_lm.info.identity())
     assert again.load_all() == 2 and again.get("c").metadata["method"] == "caa"
     torch.testing.assert_close(again.get("c").values[1], vec.values[1])
     # a vector built for another model of the very same shape is refused, on upload and at load
@@ -327,9 +329,10 @@ def test_registry_rename_and_model_identity(tiny_lm, tmp_path):
 
 WRITER = textwrap.dedent("""
     import sys, torch
-    from steering.registry import ModelIdentity, VectorRegistry
+    from steering.engine import ModelIdentity
+    from steering.store import VectorStore
     from steering.vectors import SteeringVector
-    reg = VectorRegistry(sys.argv[1], ModelIdentity("m", 4096, 64))
+    reg = VectorStore(sys.argv[1], ModelIdentity("m", 4096, 64))
     big = {layer: torch.full((4096,), 2.0) for layer in range(64)}
     print("ready", flush=True)
     while True:
@@ -339,7 +342,7 @@ WRITER = textwrap.dedent("""
 
 def test_killed_write_leaves_the_registry_intact(tmp_path):
     """SIGKILL a process that keeps rewriting a vector: the file on disk is always a whole, valid vector."""
-    reg = VectorRegistry(tmp_path, ModelIdentity("m", 4096, 64))
+    reg = VectorStore(tmp_path, ModelIdentity("m", 4096, 64))
     reg.load_all()
     reg.put("v", SteeringVector({layer: torch.full((4096,), 1.0) for layer in range(64)}))
     env = {**os.environ, "PYTHONPATH": str(Path(__file__).parents[1])}
@@ -349,7 +352,7 @@ def test_killed_write_leaves_the_registry_intact(tmp_path):
         time.sleep(delay)
         proc.send_signal(signal.SIGKILL)
         proc.wait()
-        check = VectorRegistry(tmp_path, ModelIdentity("m", 4096, 64))
+        check = VectorStore(tmp_path, ModelIdentity("m", 4096, 64))
         assert check.load_all() == 1 and not check.skipped
         v = check.get("v")
         assert len(v.layers) == 64 and float(v.values[63][0]) in (1.0, 2.0)
@@ -357,7 +360,7 @@ def test_killed_write_leaves_the_registry_intact(tmp_path):
 
 # -- jobs beside generation ----------------------------------------------------------------------------------------
 def test_build_job_runs_between_generation_steps_and_cancels(make_engine, tiny_lm):
-    from steering.builders import prepare_build
+    from steering.tasks.builders import prepare_build
 
     engine = make_engine(job_chunk_tokens=64)
     prep = prepare_build(tiny_lm, BuildRequest(EXAMPLES * 4, "grains", {"n_steps": 64}))
@@ -378,7 +381,7 @@ def test_build_job_runs_between_generation_steps_and_cancels(make_engine, tiny_l
 def test_cli_vectors(tiny_dir, tiny_lm, tmp_path):
     from typer.testing import CliRunner
 
-    from steering.cli import app
+    from cli.main import app
 
     data = tmp_path / "d.jsonl"
     data.write_text("\n".join(json.dumps(e.__dict__) for e in EXAMPLES) + "\n")
@@ -389,7 +392,7 @@ def test_cli_vectors(tiny_dir, tiny_lm, tmp_path):
                                  "--scales", "0.5,1", "--layers", "1-2", *vd, *model])
     assert r.exit_code == 0, r.output
     assert "saved g (2 layers)" in r.output
-    reg = VectorRegistry(tmp_path / "vecs", ModelIdentity.of(tiny_lm))
+    reg = VectorStore(tmp_path / "vecs", tiny_lm.info.identity())
     reg.load_all()
     v = reg.get("g")
     assert v.layers == [1, 2] and v.metadata["sweep"]["examples"] == 3 and v.metadata["params"]["n_steps"] == 4

@@ -12,7 +12,7 @@ import pytest
 from server_util import live_server
 
 from clients import SteerClient, SteerServeError, steering
-from steering.engine import Engine, EngineConfig
+from steering.backends.hf import EngineConfig, HFEngine
 
 EXAMPLES = [
     {"prompt": "What is the capital of France?", "preferred": "Paris", "dispreferred": "Berlin"},
@@ -23,7 +23,7 @@ EXAMPLES = [
 
 @pytest.fixture(scope="module")
 def server(tiny_lm, tmp_path_factory):
-    engine = Engine(tiny_lm, EngineConfig(max_batch_size=8, job_chunk_tokens=128)).start()
+    engine = HFEngine(tiny_lm, EngineConfig(max_batch_size=8, job_chunk_tokens=128)).start()
     with live_server(engine, vector_dir=tmp_path_factory.mktemp("vectors"), job_chunk_tokens=128) as (url, app):
         yield url, app
     engine.shutdown()

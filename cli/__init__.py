@@ -1,0 +1,1 @@
+"""The ``steerserve`` command line (entry point :func:`cli.main.main`)."""

@@ -1,0 +1,238 @@
+"""``steerserve vectors ...``: build, sweep and manage steering vectors in a local registry directory (the one
+the server reads, ``$STEERSERVE_VECTOR_DIR``), with progress bars for the long jobs."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Annotated, Optional
+
+import typer
+from rich.console import Console
+from rich.table import Table
+
+from cli.common import (
+    DeviceOpt,
+    DirOpt,
+    DtypeOpt,
+    ModelOpt,
+    RowsOpt,
+    fail,
+    load,
+    parse_layers,
+    parse_params,
+    open_store,
+    run_with_bar,
+    console,
+)
+from steering.store import DEFAULT_VECTOR_DIR
+
+app = typer.Typer(add_completion=False, no_args_is_help=True,
+                  help="Build, sweep and manage steering vectors (local registry).")
+
+
+
+def _sweep_table(res) -> Table:
+    table = Table(title=f"sweep on {res.examples} examples ({res.metric}); unsteered: accuracy "
+                        f"{res.baseline['accuracy']:.3f}, margin {res.baseline['margin']:+.3f}")
+    for col in ("layer", "scale", "scale_abs", "accuracy", "margin"):
+        table.add_column(col, justify="right")
+    for r in res.table:
+        mark = " *" if r is res.best else ""
+        table.add_row(str(r["layer"]), f"{r['scale']:g}{mark}", f"{r['scale_abs']:.3g}", f"{r['accuracy']:.3f}",
+                      f"{r['margin']:+.3f}")
+    return table
+
+
+def _sweep_config(scales: str, layers: Optional[str], absolute: bool, metric: str, positions: str):
+    from steering.tasks.builders import SweepConfig
+    from cli.common import parse_positions
+
+    pos = parse_positions(positions)
+    return SweepConfig(scales=[float(s) for s in scales.split(",") if s.strip()], layers=parse_layers(layers),
+                       relative=not absolute, metric=metric, positions=pos if isinstance(pos, str) else tuple(pos))
+
+
+@app.command()
+def build(
+    data: Annotated[Path, typer.Argument(help="Preference examples: .jsonl with prompt/preferred/dispreferred, "
+                                              "or a TruthfulQA .csv (best answer vs first incorrect).")],
+    name: Annotated[str, typer.Option(help="Name to save the vector under.")],
+    method: Annotated[str, typer.Option(help="grains, caa, pca or probe.")] = "grains",
+    rows: RowsOpt = None,
+    param: Annotated[list[str], typer.Option("--param", help="Method parameter key=value (repeatable), e.g. "
+                                                             "k=10, n_steps=20, mode=pos.")] = [],  # noqa: B006
+    layers: Annotated[Optional[str], typer.Option(help="Layers to build, e.g. '10-20' (default: all).")] = None,
+    validation: Annotated[Optional[Path], typer.Option(help="Validation examples: then sweep layers x scales.")] = None,
+    validation_rows: Annotated[Optional[str], typer.Option(help="Rows of the validation file.")] = None,
+    scales: Annotated[str, typer.Option(help="Sweep scales, comma-separated.")] = "0.25,0.5,1,2",
+    absolute: Annotated[bool, typer.Option(help="Sweep scales are absolute (default: fractions of each layer's "
+                                                "mean hidden-state norm).")] = False,
+    metric: Annotated[str, typer.Option(help="Sweep metric: accuracy or margin.")] = "accuracy",
+    positions: Annotated[str, typer.Option(help="Sweep positions: all, prompt, generated.")] = "all",
+    template: Annotated[str, typer.Option(help="TruthfulQA CSV prompt template.")] = "Q: {question}\nA:",
+    overwrite: Annotated[bool, typer.Option(help="Replace an existing vector of that name.")] = False,
+    vector_dir: DirOpt = DEFAULT_VECTOR_DIR,
+    model: ModelOpt = None,
+    device: DeviceOpt = "auto",
+    dtype: DtypeOpt = "auto",
+) -> None:
+    """Build a steering vector from preference examples (one pass builds every layer), with a progress bar."""
+    from steering.tasks.builders import BuildRequest, build as run_build
+    from steering.datasets import load_examples
+    from steering.errors import SteeringError
+    from steering.store import check_name
+
+    try:
+        check_name(name)
+        examples = load_examples(data, rows, template)
+        val = load_examples(validation, validation_rows, template) if validation else None
+        params = parse_params(param)
+        if layers:
+            params["layers"] = parse_layers(layers)
+        lm = load(model, device, dtype)
+        reg = open_store(vector_dir, lm)
+        if name in reg and not overwrite:
+            raise typer.BadParameter(f"vector {name!r} exists in {vector_dir}; pass --overwrite", param_hint="--name")
+        req = BuildRequest(examples, method, params, validation=val,
+                           sweep=_sweep_config(scales, layers, absolute, metric, positions) if val else None)
+        res = run_with_bar(f"{method} ({len(examples)} examples)",
+                            lambda cb: run_build(lm, req, on_progress=cb))
+        res.vector.metadata["source"] = "build"
+        res.vector.metadata["data_file"] = str(data)
+        reg.put(name, res.vector, overwrite=overwrite)
+    except SteeringError as exc:
+        fail(exc)
+    if res.sweep is not None:
+        Console().print(_sweep_table(res.sweep))
+    console.print(f"saved [bold]{name}[/bold] ({len(res.vector.layers)} layers) to {vector_dir} in "
+                  f"{res.seconds:.1f} s")
+
+
+@app.command()
+def sweep(
+    name: Annotated[str, typer.Argument(help="Vector to sweep.")],
+    data: Annotated[Path, typer.Argument(help="Validation examples (.jsonl or TruthfulQA .csv).")],
+    rows: RowsOpt = None,
+    scales: Annotated[str, typer.Option(help="Scales, comma-separated.")] = "0.25,0.5,1,2",
+    layers: Annotated[Optional[str], typer.Option(help="Layers (default: all of the vector's).")] = None,
+    absolute: Annotated[bool, typer.Option(help="Absolute scales (default: fractions of hidden norms).")] = False,
+    metric: Annotated[str, typer.Option(help="accuracy or margin.")] = "accuracy",
+    positions: Annotated[str, typer.Option(help="all, prompt, generated.")] = "all",
+    template: Annotated[str, typer.Option(help="TruthfulQA CSV prompt template.")] = "Q: {question}\nA:",
+    output: Annotated[Optional[Path], typer.Option(help="Write the table as JSON here.")] = None,
+    vector_dir: DirOpt = DEFAULT_VECTOR_DIR,
+    model: ModelOpt = None,
+    device: DeviceOpt = "auto",
+    dtype: DtypeOpt = "auto",
+) -> None:
+    """Score a vector over layers x scales on validation examples (binary preferred vs dispreferred)."""
+    from steering.tasks.builders import sweep as run_sweep
+    from steering.datasets import load_examples
+    from steering.errors import SteeringError
+    from steering.files import atomic_write_text
+
+    try:
+        examples = load_examples(data, rows, template)
+        lm = load(model, device, dtype)
+        vec = open_store(vector_dir, lm).get(name)
+        cfg = _sweep_config(scales, layers, absolute, metric, positions)
+        res = run_with_bar(f"sweep {name}", lambda cb: run_sweep(lm, vec, examples, cfg, on_progress=cb))
+    except SteeringError as exc:
+        fail(exc)
+    Console().print(_sweep_table(res))
+    if output is not None:
+        atomic_write_text(output, json.dumps(res.as_dict(), indent=2))
+
+
+@app.command("list")
+def list_(vector_dir: DirOpt = DEFAULT_VECTOR_DIR) -> None:
+    """List the vectors in the registry directory."""
+    reg = open_store(vector_dir)
+    table = Table(title=str(vector_dir))
+    for col in ("name", "method", "layers", "model", "examples", "created_at"):
+        table.add_column(col)
+    for n in reg.names():
+        v = reg.get(n)
+        md = v.metadata
+        table.add_row(n, str(md.get("method", md.get("source", ""))), _span(v.layers),
+                      str((md.get("model") or {}).get("name", "")), str((md.get("dataset") or {}).get("examples", "")),
+                      str(md.get("created_at", "")))
+    Console().print(table)
+    for f, why in reg.skipped.items():
+        console.print(f"[yellow]skipped {f}:[/yellow] {why}")
+
+
+def _span(layers: list[int]) -> str:
+    return f"{layers[0]}-{layers[-1]}" if layers == list(range(layers[0], layers[-1] + 1)) and len(layers) > 1 \
+        else ",".join(map(str, layers))
+
+
+@app.command()
+def show(name: str, vector_dir: DirOpt = DEFAULT_VECTOR_DIR) -> None:
+    """Print a vector's metadata as JSON."""
+    try:
+        v = open_store(vector_dir).get(name)
+    except Exception as exc:  # noqa: BLE001
+        fail(exc)
+    Console().print_json(json.dumps({"name": name, "layers": v.layers, "hidden_size": v.hidden_size,
+                                     "metadata": v.metadata}))
+
+
+@app.command()
+def delete(name: str, vector_dir: DirOpt = DEFAULT_VECTOR_DIR) -> None:
+    """Delete a vector."""
+    try:
+        open_store(vector_dir).delete(name)
+    except Exception as exc:  # noqa: BLE001
+        fail(exc)
+    console.print(f"deleted {name}")
+
+
+@app.command()
+def rename(name: str, new_name: str, overwrite: bool = False, vector_dir: DirOpt = DEFAULT_VECTOR_DIR) -> None:
+    """Rename a vector (one atomic file rename)."""
+    try:
+        open_store(vector_dir).rename(name, new_name, overwrite)
+    except Exception as exc:  # noqa: BLE001
+        fail(exc)
+    console.print(f"renamed {name} -> {new_name}")
+
+
+@app.command("export-gguf")
+def export_gguf(
+    name: str, output: Path,
+    scale: Annotated[float, typer.Option(help="Multiply the (unit-norm) values by this.")] = 1.0,
+    vector_dir: DirOpt = DEFAULT_VECTOR_DIR,
+) -> None:
+    """Write a vector as a llama.cpp control vector (``--control-vector``); layer 0 is left out (llama.cpp
+    cannot steer it)."""
+    from steering.gguf_vectors import export_controlvector
+    from steering.vectors import SteeringVector
+
+    try:
+        v = open_store(vector_dir).get(name)
+        kept = {layer: t for layer, t in v.values.items() if layer > 0}
+        hint = (v.metadata.get("model") or {}).get("model_type") or "llama"
+        export_controlvector(SteeringVector(kept, name=name), output, model_hint=hint, scale=scale)
+    except Exception as exc:  # noqa: BLE001
+        fail(exc)
+    note = " (layer 0 left out)" if 0 in v.values else ""
+    console.print(f"wrote {output}: {len(kept)} layers{note}")
+
+
+@app.command("import-gguf")
+def import_gguf(
+    path: Path, name: str, overwrite: bool = False, vector_dir: DirOpt = DEFAULT_VECTOR_DIR,
+    model: ModelOpt = None, device: DeviceOpt = "auto", dtype: DtypeOpt = "auto",
+) -> None:
+    """Import a llama.cpp / repeng control vector GGUF into the registry (checked against the model)."""
+    from steering.gguf_vectors import import_controlvector
+
+    try:
+        lm = load(model, device, dtype)
+        vec = import_controlvector(path, num_layers=lm.num_layers, hidden_size=lm.hidden_size)
+        open_store(vector_dir, lm).put(name, vec, overwrite=overwrite)
+    except Exception as exc:  # noqa: BLE001
+        fail(exc)
+    console.print(f"imported {path} as {name} ({len(vec.layers)} layers)")

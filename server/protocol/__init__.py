@@ -1,0 +1,1 @@
+"""Wire schemas, one module per resource: requests translate themselves into core types (``to_core``)."""

@@ -1,0 +1,1 @@
+"""One APIRouter per resource; each route parses, calls a service, and returns its response model."""

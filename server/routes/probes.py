@@ -1,0 +1,51 @@
+"""Probes and metadata: ``/health`` (the process and its engine), ``/ready`` (the model has loaded and the server
+is not draining), ``/version``, ``/metrics`` (Prometheus)."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from fastapi import APIRouter
+from fastapi.responses import JSONResponse, Response
+from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
+
+from server.deps import StateDep
+from steering import __version__
+
+router = APIRouter(tags=["probes"])
+
+
+@router.get("/health")
+async def health(state: StateDep) -> Any:
+    if state.load_error:
+        return JSONResponse({"status": "error", "error": state.load_error}, status_code=503)
+    if state.services is None:
+        return {"status": "loading"}
+    if not state.services.backend.alive():
+        return JSONResponse({"status": "error", "error": "engine thread is not running"}, status_code=503)
+    return {"status": "ok"}
+
+
+@router.get("/ready")
+async def ready(state: StateDep) -> Any:
+    if not state.ready:
+        reason = "draining" if state.draining else (state.load_error or "loading")
+        return JSONResponse({"status": "not ready", "reason": reason}, status_code=503)
+    assert state.services is not None
+    return {"status": "ready", "model": state.services.models.name}
+
+
+@router.get("/version")
+async def version(state: StateDep) -> dict[str, str]:
+    import torch
+    import transformers
+
+    return {"version": __version__, "backend": state.settings.backend, "torch": torch.__version__,
+            "transformers": transformers.__version__}
+
+
+@router.get("/metrics", response_class=Response)
+async def metrics(state: StateDep) -> Response:
+    svc = state.services
+    body = generate_latest(svc.metrics.registry) if svc else b""
+    return Response(body, media_type=CONTENT_TYPE_LATEST)

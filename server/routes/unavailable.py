@@ -1,0 +1,26 @@
+"""The analysis endpoints of a backend that cannot run them: every one answers 501 with the reason."""
+
+from __future__ import annotations
+
+from typing import NoReturn
+
+from fastapi import APIRouter, Depends
+
+from server.deps import StateDep, require_key
+from steering.errors import UnsupportedError
+
+router = APIRouter(tags=["unavailable"], dependencies=[Depends(require_key)])
+
+PATHS = (("/v1/attributions", ["POST"]), ("/v1/attributions/methods", ["GET"]), ("/v1/evaluations", ["POST"]),
+         ("/v1/evaluations/scorers", ["GET"]), ("/v1/jobs", ["GET"]), ("/v1/jobs/{job_id}", ["GET", "DELETE"]),
+         ("/v1/jobs/{job_id}/cancel", ["POST"]))
+
+
+def _unavailable(state: StateDep) -> NoReturn:
+    raise UnsupportedError(f"this server's backend ({state.settings.backend}) runs no analysis jobs "
+                           "(attribution, evaluations); use the hf backend for them")
+
+
+for _path, _methods in PATHS:
+    router.add_api_route(_path, _unavailable, methods=_methods, status_code=501, response_model=None,
+                         include_in_schema=False)

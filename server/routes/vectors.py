@@ -1,0 +1,119 @@
+"""``/v1/steering``: the vector store, building and sweeping vectors, llama.cpp export."""
+
+from __future__ import annotations
+
+import math
+from typing import Any
+
+from fastapi import APIRouter, Depends, Request
+from fastapi.responses import Response
+from pydantic import ValidationError
+
+from server.deps import ServicesDep, require_key
+from server.errors import APIError, validation_message
+from server.protocol.vectors import (
+    BuilderList,
+    JobInfo,
+    VectorBuildRequest,
+    VectorDeleted,
+    VectorInfo,
+    VectorList,
+    VectorRename,
+    VectorSweepRequest,
+    VectorUpload,
+)
+from server.serving.vectors import VectorService
+from steering.gguf_vectors import read_vector_file
+from steering.vectors import SteeringVector
+
+router = APIRouter(prefix="/v1/steering", tags=["vectors"], dependencies=[Depends(require_key)])
+
+_FORM_FIELDS = {"name", "file", "overwrite", "description"}
+_UPLOAD_BODY = {"requestBody": {"required": True, "content": {
+    "application/json": {"schema": VectorUpload.model_json_schema()},
+    "multipart/form-data": {"schema": {
+        "type": "object", "required": ["name", "file"], "properties": {
+            "name": {"type": "string"},
+            "file": {"type": "string", "format": "binary",
+                     "description": "a steerserve safetensors vector or a llama.cpp control-vector GGUF"},
+            "overwrite": {"type": "boolean", "default": False},
+            "description": {"type": "string"}}}},
+}}}
+
+
+@router.get("/vectors", response_model=VectorList)
+async def list_vectors(svc: ServicesDep) -> VectorList:
+    return svc.vectors.list()
+
+
+@router.post("/vectors", response_model=VectorInfo, status_code=201, openapi_extra=_UPLOAD_BODY)
+async def upload_vector(request: Request, svc: ServicesDep) -> VectorInfo:
+    """Upload a vector as JSON (``values``: {layer: [floats]}) or as a file (multipart)."""
+    if request.headers.get("content-type", "").startswith("multipart/form-data"):
+        name, vec, overwrite, description = await _from_form(request)
+    else:
+        try:
+            payload = VectorUpload.model_validate_json(await request.body())
+        except ValidationError as exc:
+            message, param = validation_message(list(exc.errors()))
+            raise APIError(400, message, param or "values") from exc
+        name, vec, overwrite, description = payload.name, payload.to_core(), payload.overwrite, payload.description
+    return svc.vectors.put(name, vec, overwrite, description)
+
+
+async def _from_form(request: Request) -> tuple[str, SteeringVector, bool, str | None]:
+    form = await request.form()
+    unknown = set(form.keys()) - _FORM_FIELDS
+    if unknown:
+        raise APIError(400, f"unknown form fields: {sorted(unknown)}; allowed: {sorted(_FORM_FIELDS)}")
+    name, upload = form.get("name"), form.get("file")
+    if not isinstance(name, str) or upload is None or isinstance(upload, str):
+        raise APIError(400, "multipart upload needs a 'name' field and a 'file' (safetensors, or a llama.cpp "
+                       "control-vector GGUF)", "file")
+    vec = read_vector_file(await upload.read(), getattr(upload, "filename", None) or "the uploaded file")
+    overwrite = str(form.get("overwrite", "false")).lower() in ("1", "true", "yes")
+    desc = form.get("description")
+    return name, vec, overwrite, desc if isinstance(desc, str) else None
+
+
+@router.get("/vectors/{name}", response_model=VectorInfo)
+async def get_vector(name: str, svc: ServicesDep) -> VectorInfo:
+    return svc.vectors.get(name)
+
+
+@router.delete("/vectors/{name}", response_model=VectorDeleted)
+async def delete_vector(name: str, svc: ServicesDep) -> VectorDeleted:
+    svc.vectors.delete(name)
+    return VectorDeleted(id=name)
+
+
+@router.post("/vectors/{name}/rename", response_model=VectorInfo)
+async def rename_vector(name: str, req: VectorRename, svc: ServicesDep) -> VectorInfo:
+    return svc.vectors.rename(name, req)
+
+
+@router.get("/vectors/{name}/gguf", response_class=Response,
+            responses={200: {"content": {"application/octet-stream": {}}, "description": "a llama.cpp control vector"}})
+async def export_vector_gguf(name: str, svc: ServicesDep, scale: float = 1.0) -> Response:
+    if not math.isfinite(scale):
+        raise APIError(400, "scale must be a finite number", "scale")
+    data, dropped = svc.vectors.export_gguf(name, scale)
+    headers = {"Content-Disposition": f'attachment; filename="{name}.gguf"'}
+    if dropped:
+        headers["X-Steerserve-Dropped-Layers"] = ",".join(map(str, dropped))
+    return Response(data, media_type="application/octet-stream", headers=headers)
+
+
+@router.get("/methods", response_model=BuilderList)
+async def vector_methods() -> BuilderList:
+    return VectorService.methods()
+
+
+@router.post("/vectors/build", response_model=JobInfo, status_code=202)
+async def build_vector(req: VectorBuildRequest, svc: ServicesDep) -> JobInfo:
+    return svc.vectors.build(req)
+
+
+@router.post("/vectors/{name}/sweep", response_model=JobInfo, status_code=202)
+async def sweep_vector(name: str, req: VectorSweepRequest, svc: ServicesDep) -> Any:
+    return svc.vectors.sweep(name, req)

@@ -1,0 +1,131 @@
+"""Submitting generations from the event loop: each choice of a request goes to the backend, is accounted for
+in the metrics, and streams back; when the consumer stops early (a client went away), it is cancelled."""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import AsyncIterator, Sequence
+from dataclasses import dataclass
+
+from server.metrics import Metrics
+from server.protocol.common import AppliedSteering
+from steering.engine.base import GenerationBackend
+from steering.engine.handles import RequestHandle
+from steering.engine.types import GenerationRequest, RequestOutput
+from steering.errors import EngineClosedError, QueueFullError, RequestFailedError, SteeringError
+from steering.sampling import SamplingParams
+from steering.spec import ResolvedSteering, SteeringSpec
+
+
+@dataclass
+class Submitted:
+    handles: list[RequestHandle]
+    prompt_len: int
+
+    @property
+    def steering(self) -> ResolvedSteering | None:
+        return self.handles[0].steering
+
+    def applied(self) -> list[AppliedSteering] | None:
+        """What the backend applies, for responses."""
+        s = self.steering
+        return None if s is None else [AppliedSteering(**d) for d in s.describe()]
+
+
+def rejection_reason(exc: SteeringError) -> str:
+    if isinstance(exc, QueueFullError):
+        return "queue_full"
+    if isinstance(exc, EngineClosedError):
+        return "unavailable"
+    return "invalid_request"
+
+
+class Submitter:
+    def __init__(self, backend: GenerationBackend, metrics: Metrics) -> None:
+        self.backend = backend
+        self.metrics = metrics
+
+    def submit(self, prompt_ids: list[int], sampling: Sequence[SamplingParams],
+               steering: SteeringSpec | None) -> Submitted:
+        """Submit one request per sampling (the ``n`` choices); all or none are accepted."""
+        loop = asyncio.get_running_loop()
+        handles: list[RequestHandle] = []
+        try:
+            for sp in sampling:
+                handles.append(self.backend.submit(GenerationRequest(prompt_ids, sp, steering), loop=loop))
+        except SteeringError as exc:
+            for h in handles:
+                h.cancel()
+            self.metrics.rejected(rejection_reason(exc))
+            raise
+        resolved = handles[0].steering
+        if resolved is not None:
+            for app in resolved.applications:
+                self.metrics.steered.labels(self.metrics.model_name, app.name or "inline").inc(len(handles))
+        return Submitted(handles, len(prompt_ids))
+
+    async def stream(self, handle: RequestHandle) -> AsyncIterator[RequestOutput]:
+        """Deltas of one request; if the consumer stops early, the generation is cancelled."""
+        last_time = None
+        generated = 0
+        finished = False
+        try:
+            async for out in handle:
+                generated = out.num_generated_tokens
+                if out.token_ids:
+                    if last_time is not None:
+                        self.metrics.itl.labels(self.metrics.model_name).observe(out.time - last_time)
+                    last_time = out.time
+                if out.finished:
+                    finished = True
+                    self.metrics.finished(out.finish_reason, out.num_prompt_tokens, generated, out.metrics)
+                yield out
+        finally:
+            if not finished:
+                handle.cancel()
+                self.metrics.finished("abort", len(handle.request.prompt_token_ids), generated, handle.metrics)
+
+    async def merge(self, sub: Submitted) -> AsyncIterator[tuple[int, RequestOutput]]:
+        """Interleave the deltas of the choices as they come; cancel all on early exit."""
+        streams = [self.stream(h) for h in sub.handles]
+        if len(streams) == 1:
+            try:
+                async for out in streams[0]:
+                    yield 0, out
+            finally:
+                await streams[0].aclose()
+            return
+        queue: asyncio.Queue[tuple[int, RequestOutput | None]] = asyncio.Queue()
+
+        async def pump(i: int, stream: AsyncIterator[RequestOutput]) -> None:
+            try:
+                async for out in stream:
+                    await queue.put((i, out))
+            finally:
+                await stream.aclose()  # type: ignore[attr-defined]
+                await queue.put((i, None))
+
+        tasks = [asyncio.create_task(pump(i, s)) for i, s in enumerate(streams)]
+        try:
+            remaining = len(tasks)
+            while remaining:
+                i, item = await queue.get()
+                if item is None:
+                    remaining -= 1
+                    continue
+                yield i, item
+        finally:
+            for t in tasks:
+                t.cancel()
+            await asyncio.gather(*tasks, return_exceptions=True)
+
+    async def collect(self, sub: Submitted) -> list[list[RequestOutput]]:
+        """Every choice's deltas; a choice that failed fails the request."""
+        results: list[list[RequestOutput]] = [[] for _ in sub.handles]
+        async for i, out in self.merge(sub):
+            results[i].append(out)
+        for outs in results:
+            last = outs[-1]
+            if last.finish_reason == "error":
+                raise RequestFailedError(f"generation failed: {last.error}")
+        return results

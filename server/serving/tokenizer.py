@@ -1,0 +1,32 @@
+"""``/tokenize`` and ``/detokenize``: the same encoding as chat and completions (roles mapped alike)."""
+
+from __future__ import annotations
+
+from server.protocol.generation import chat_messages
+from server.protocol.models import DetokenizeRequest, DetokenizeResponse, TokenizeRequest, TokenizeResponse
+from server.serving.models import ModelService
+from steering.errors import InvalidRequestError
+from steering.inputs import Inputs
+
+
+class TokenizerService:
+    def __init__(self, inputs: Inputs, models: ModelService) -> None:
+        self.inputs = inputs
+        self.models = models
+
+    def tokenize(self, req: TokenizeRequest) -> TokenizeResponse:
+        self.models.check(req.model)
+        if req.prompt is not None:
+            ids = self.inputs.encode_text(req.prompt, add_special_tokens=req.add_special_tokens)
+        else:
+            ids = self.inputs.encode_chat(chat_messages(req.messages or []), req.add_generation_prompt)
+        return TokenizeResponse(count=len(ids), max_model_len=self.models.max_model_len, tokens=ids,
+                                token_strs=self.inputs.token_strings(ids))
+
+    def detokenize(self, req: DetokenizeRequest) -> DetokenizeResponse:
+        self.models.check(req.model)
+        vocab = self.models.info.vocab_size
+        bad = [t for t in req.tokens if not 0 <= t < vocab]
+        if bad:
+            raise InvalidRequestError(f"token ids must be in [0, {vocab}); got {bad[:5]}", param="tokens")
+        return DetokenizeResponse(prompt=self.inputs.decode(req.tokens))

@@ -1,0 +1,106 @@
+"""The vector store over HTTP: list, read, upload, rename, delete, export for llama.cpp; building vectors from
+preference examples and sweeping them (jobs, when the backend can run them)."""
+
+from __future__ import annotations
+
+import tempfile
+from dataclasses import replace
+from pathlib import Path
+from typing import Any
+
+from server.protocol.vectors import (
+    BuilderInfo,
+    BuilderList,
+    JobInfo,
+    VectorBuildRequest,
+    VectorInfo,
+    VectorList,
+    VectorRename,
+    VectorSweepRequest,
+    examples,
+)
+from server.serving.jobs import JobService
+from steering.engine.base import ModelFront
+from steering.errors import UnsupportedError
+from steering.gguf_vectors import export_for_llama_cpp
+from steering.store import VectorExistsError, VectorStore, check_name
+from steering.tasks import builders
+from steering.vectors import SteeringVector
+
+
+def vector_info(vec: SteeringVector) -> VectorInfo:
+    return VectorInfo(name=vec.name or "", layers=vec.layers, hidden_size=vec.hidden_size,
+                      norms={layer: float(v.norm()) for layer, v in sorted(vec.values.items())},
+                      metadata=vec.metadata)
+
+
+class VectorService:
+    def __init__(self, store: VectorStore, model: ModelFront, jobs: JobService | None,
+                 limits: builders.BuildLimits) -> None:
+        self.store = store
+        self.model = model
+        self.jobs = jobs
+        """None: the backend cannot run jobs, so vectors cannot be built or swept here."""
+        self.limits = limits
+
+    def list(self) -> VectorList:
+        return VectorList(data=[vector_info(self.store.get(n)) for n in self.store.names()])
+
+    def get(self, name: str) -> VectorInfo:
+        return vector_info(self.store.get(name))
+
+    def put(self, name: str, vec: SteeringVector, overwrite: bool, description: str | None) -> VectorInfo:
+        meta = {"source": "upload", **vec.metadata}
+        if description:
+            meta["description"] = description
+        return vector_info(self.store.put(name, replace(vec, metadata=meta), overwrite=overwrite))
+
+    def delete(self, name: str) -> None:
+        self.store.delete(name)
+
+    def rename(self, name: str, req: VectorRename) -> VectorInfo:
+        return vector_info(self.store.rename(name, req.new_name, req.overwrite))
+
+    def export_gguf(self, name: str, scale: float) -> tuple[bytes, list[int]]:
+        """The vector as a llama.cpp control vector, and the layers left out."""
+        vec = self.store.get(name)
+        with tempfile.TemporaryDirectory() as d:
+            path = Path(d) / f"{name}.gguf"
+            dropped = export_for_llama_cpp(vec, path, scale)
+            return path.read_bytes(), dropped
+
+    @staticmethod
+    def methods() -> BuilderList:
+        return BuilderList(data=[BuilderInfo(name=b.name, summary=b.summary, params=b.Params.model_json_schema())
+                                 for b in builders.BUILDERS])
+
+    def _jobs(self) -> JobService:
+        if self.jobs is None:
+            raise UnsupportedError("this server's backend cannot build or sweep vectors (it runs no analysis jobs)")
+        return self.jobs
+
+    def build(self, req: VectorBuildRequest) -> JobInfo:
+        jobs = self._jobs()
+        check_name(req.name)
+        if req.name in self.store and not req.overwrite:  # checked again when the result is saved
+            raise VectorExistsError(f"steering vector {req.name!r} already exists (set overwrite to replace it)",
+                                    param="name")
+        prep = builders.prepare_build(self.model, req.to_core(), self.limits)
+
+        def finish(result: builders.BuildResult) -> dict[str, Any]:
+            meta = {**result.vector.metadata, "source": "build"}
+            if req.description:
+                meta["description"] = req.description
+            saved = self.store.put(req.name, replace(result.vector, metadata=meta), overwrite=req.overwrite)
+            return {"vector": vector_info(saved).model_dump(),
+                    "sweep": result.sweep.as_dict() if result.sweep else None,
+                    "seconds": round(result.seconds, 3)}
+
+        return jobs.submit("vector_build", prep.work, finish)
+
+    def sweep(self, name: str, req: VectorSweepRequest) -> JobInfo:
+        jobs = self._jobs()
+        vec = self.store.get(name)
+        work = builders.prepare_sweep(self.model, vec, examples(req.examples), req.sweep.to_core(), req.params,
+                                      self.limits)
+        return jobs.submit("vector_sweep", work, lambda res: res.as_dict())

@@ -1,0 +1,1 @@
+"""Backends: implementations of the contract in :mod:`steering.engine.base`."""

@@ -1,0 +1,132 @@
+"""The backend contract: what the server, the evaluations and the command line may rely on.
+
+A :class:`GenerationBackend` serves one model: it describes it (:attr:`info`), encodes prompts for it
+(:attr:`inputs`), checks a request's steering against it (:meth:`resolve_steering`, the one place a steering
+spec is validated), and runs requests (:meth:`submit` returns a handle that streams deltas and cancels). It
+reports its load (:meth:`stats`), whether it is alive, waits for in-flight work (:meth:`drain`) and stops
+(:meth:`shutdown`). The Hugging Face engine implements it, a vLLM engine can, and so does the tests' fake.
+
+:class:`AnalysisBackend` is a separate capability: it runs jobs that need gradients or activations
+(attribution, vector builds and sweeps, evaluations; see :mod:`steering.engine.jobs`). The server mounts the
+endpoints that need it only when its backend has it.
+"""
+
+from __future__ import annotations
+
+import asyncio
+from abc import ABC, abstractmethod
+from typing import TYPE_CHECKING, Any, Protocol, TypeVar
+
+from steering.engine.handles import JobHandle, RequestHandle
+from steering.engine.types import EngineStats, GenerationRequest, GenerationResult, ModelInfo
+from steering.inputs import Inputs
+from steering.sampling import SamplingParams
+from steering.spec import ResolvedSteering, SteeringSpec, resolve
+
+if TYPE_CHECKING:
+    from steering.engine.jobs import Work
+    from steering.store import VectorStore
+
+T = TypeVar("T")
+
+
+class ModelFront(Protocol):
+    """What preparing a request needs of a model: its description and its input encoding. A backend is one,
+    and so is a loaded model (for scripts that run jobs on their own thread)."""
+
+    @property
+    def info(self) -> ModelInfo: ...
+
+    @property
+    def inputs(self) -> Inputs: ...
+
+
+class GenerationBackend(ABC):
+    """Continuous generation with per-request steering over one model."""
+
+    kind: str = "backend"
+    """Short name of the implementation ("hf", "vllm", ...), for logs and /version."""
+    vectors: VectorStore | None = None
+    """Where named vectors are looked up (None: only inline vectors)."""
+
+    @property
+    @abstractmethod
+    def info(self) -> ModelInfo: ...
+
+    @property
+    @abstractmethod
+    def inputs(self) -> Inputs: ...
+
+    def use_vectors(self, store: VectorStore | None) -> None:
+        """Look named vectors up in ``store`` from now on (None: detach). A backend has one store at a time."""
+        if store is not None and self.vectors is not None and self.vectors is not store:
+            raise ValueError(f"this backend already looks vectors up in {self.vectors.root}; detach it first")
+        self.vectors = store
+
+    def resolve_steering(self, spec: SteeringSpec, param: str = "steering.vectors") -> ResolvedSteering:
+        """Look up the spec's named vectors and check every application against this model.
+
+        Raises SteeringValidationError for a spec that does not fit, VectorNotFoundError for an unknown name."""
+        info = self.info
+        lookup = self.vectors.get if self.vectors is not None else None
+        return resolve(spec, hidden_size=info.hidden_size, num_layers=info.num_layers,
+                       max_len=info.max_model_len, lookup=lookup, param=param)
+
+    @abstractmethod
+    def submit(self, request: GenerationRequest, loop: asyncio.AbstractEventLoop | None = None) -> RequestHandle:
+        """Validate and enqueue a request. With ``loop`` the handle is iterated with ``async for``.
+
+        Raises InvalidRequestError / SteeringValidationError for a bad request, VectorNotFoundError for an
+        unknown vector, QueueFullError when there is no room, EngineClosedError when not running."""
+
+    @abstractmethod
+    def stats(self) -> EngineStats: ...
+
+    @abstractmethod
+    def alive(self) -> bool: ...
+
+    @abstractmethod
+    def drain(self, timeout: float) -> bool:
+        """Wait until nothing is running, waiting or queued as a job (or ``timeout`` seconds pass); return whether
+        everything finished. Refusing new work meanwhile is the caller's part. Blocking: call it off the event
+        loop."""
+
+    @abstractmethod
+    def shutdown(self) -> None:
+        """Stop at once; in-flight requests end with an error."""
+
+    def start(self) -> GenerationBackend:
+        return self
+
+    def __enter__(self) -> GenerationBackend:
+        return self.start()
+
+    def __exit__(self, *exc: Any) -> None:
+        self.shutdown()
+
+    def generate(self, prompt_token_ids: list[int], sampling: SamplingParams | None = None,
+                 steering: SteeringSpec | None = None) -> GenerationResult:
+        """Submit one request and wait for it (a convenience for scripts and tests)."""
+        req = GenerationRequest(list(prompt_token_ids), sampling or SamplingParams(), steering)
+        return self.submit(req).result()
+
+
+class AnalysisBackend(ABC):
+    """The capability to run chunked jobs that need gradients or activations."""
+
+    @abstractmethod
+    def submit_job(self, work: Work[T], name: str = "job",
+                   loop: asyncio.AbstractEventLoop | None = None) -> JobHandle[T]:
+        """Queue a job; it runs in chunks between generation steps. With ``loop``, await ``aresult()``.
+
+        Raises QueueFullError when too many jobs are queued or running, EngineClosedError when not running."""
+
+
+def resolve_for(model: ModelFront, spec: SteeringSpec, param: str = "steering.vectors") -> ResolvedSteering:
+    """Resolve ``spec`` against ``model``: a backend looks named vectors up in its store; a bare loaded model
+    takes inline vectors only."""
+    if isinstance(model, GenerationBackend):
+        return model.resolve_steering(spec, param)
+    info = model.info
+    return resolve(spec, hidden_size=info.hidden_size, num_layers=info.num_layers, max_len=info.max_model_len,
+                   param=param)

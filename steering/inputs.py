@@ -1,0 +1,96 @@
+"""Turning text and chat messages into token ids (and back) with the model's own tokenizer and chat template.
+
+:class:`Inputs` is what every backend exposes as ``backend.inputs``: both the Hugging Face engine and vLLM
+tokenize with the model's Hugging Face tokenizer, so chat, completions, ``/tokenize``, attribution and the
+builders all encode a prompt the same way (the ``developer`` role is the ``system`` role everywhere).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping, Sequence
+from typing import Any, Literal
+
+from steering.errors import InvalidRequestError
+
+PromptFormat = Literal["raw", "chat"]
+_ROLES = {"developer": "system"}
+
+
+def answer_separator(prompt_format: str, separator: str | None) -> str:
+    """Text between a prompt and an appended answer: one space after raw text, nothing after a chat
+    generation prompt, unless given."""
+    return separator if separator is not None else (" " if prompt_format == "raw" else "")
+
+
+class Inputs:
+    """The model's tokenizer, seen as the encoder of prompts and the decoder of tokens."""
+
+    def __init__(self, tokenizer: Any) -> None:
+        self.tokenizer = tokenizer
+        special = {int(i) for i in getattr(tokenizer, "all_special_ids", []) or []}
+        added = getattr(tokenizer, "added_tokens_decoder", None) or {}
+        special.update(int(i) for i, t in added.items() if getattr(t, "special", False))
+        self.special_token_ids: frozenset[int] = frozenset(special)
+        """BOS/EOS/pad and every added token marked special (chat-template markers such as <|im_start|>)."""
+
+    @property
+    def has_chat_template(self) -> bool:
+        return bool(getattr(self.tokenizer, "chat_template", None))
+
+    @property
+    def eos_token_id(self) -> int | None:
+        eos = self.tokenizer.eos_token_id
+        return None if eos is None else int(eos)
+
+    @property
+    def pad_id(self) -> int:
+        """The id that pads batch rows: the pad token, else EOS, else 0 (padding is never attended)."""
+        tok = self.tokenizer
+        pad = tok.pad_token_id if tok.pad_token_id is not None else tok.eos_token_id
+        return int(pad) if pad is not None else 0
+
+    # -- encoding -----------------------------------------------------------------------------------------------
+    def encode_text(self, text: str, add_special_tokens: bool = True) -> list[int]:
+        return list(self.tokenizer(text, add_special_tokens=add_special_tokens)["input_ids"])
+
+    def encode_continuation(self, text: str) -> list[int]:
+        """Text appended after a prompt (an answer, a target): no special tokens."""
+        return self.encode_text(text, add_special_tokens=False)
+
+    @staticmethod
+    def chat_messages(messages: Sequence[Mapping[str, Any]]) -> list[dict[str, Any]]:
+        """Messages as the chat template takes them (``developer`` is the ``system`` role)."""
+        return [{**m, "role": _ROLES.get(str(m.get("role")), m.get("role"))} for m in messages]
+
+    def encode_chat(self, messages: Sequence[Mapping[str, Any]], add_generation_prompt: bool = True) -> list[int]:
+        if not self.has_chat_template:
+            raise InvalidRequestError("this model's tokenizer has no chat template; use completions",
+                                      param="messages")
+        try:
+            text = self.tokenizer.apply_chat_template(self.chat_messages(messages), tokenize=False,
+                                                      add_generation_prompt=add_generation_prompt)
+        except Exception as exc:  # noqa: BLE001 - template errors are the caller's input errors
+            raise InvalidRequestError(f"cannot apply the chat template: {exc}", param="messages") from exc
+        return self.encode_text(text, add_special_tokens=False)
+
+    def encode_prompt(self, text: str, prompt_format: PromptFormat | str = "raw",
+                      system_prompt: str | None = None) -> list[int]:
+        """``raw``: the text as is (with the tokenizer's special tokens); ``chat``: the text as a user message in
+        the chat template, after an optional system message, with the generation prompt."""
+        if prompt_format == "chat":
+            msgs = ([{"role": "system", "content": system_prompt}] if system_prompt else []) + [
+                {"role": "user", "content": text}]
+            return self.encode_chat(msgs)
+        return self.encode_text(text)
+
+    # -- decoding -----------------------------------------------------------------------------------------------
+    def decode(self, ids: Sequence[int], skip_special_tokens: bool = False) -> str:
+        return str(self.tokenizer.decode(list(ids), skip_special_tokens=skip_special_tokens))
+
+    def token_text(self, token_id: int) -> str:
+        """One token as text (what logprobs and attributions show)."""
+        return str(self.tokenizer.decode([token_id]))
+
+    def token_strings(self, ids: Sequence[int]) -> list[str]:
+        """The tokenizer's own token strings (``Ġthe``), as ``/tokenize`` returns them."""
+        return list(self.tokenizer.convert_ids_to_tokens(list(ids)))

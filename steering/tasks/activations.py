@@ -1,0 +1,56 @@
+"""Collecting decoder-layer outputs (the residual stream the steering hooks act on) at chosen tokens, for every
+requested layer in one forward pass.
+
+The engine's hooks hand each layer's output to a capture function; nothing is registered per call. Rows are
+packed (:mod:`steering.tasks.packing`) and chunked to the job's token budget. A *group* is a list of token indices
+in its row; its activation is the mean over those tokens (one index: that token's state).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import torch
+
+from steering.engine.jobs import JobContext, Progress
+from steering.tasks.packing import Segment, pack
+from steering.tasks.scoring import chunks, packed_forward
+
+
+def collect(ctx: JobContext, rows: Sequence[Sequence[Segment]], groups: Sequence[Sequence[Sequence[int]]],
+            layers: Sequence[int] | None = None, stage: str = "activations"):
+    """Job generator: returns {layer: [G, hidden] float32 on CPU}, G = all groups of all rows in order.
+
+    ``groups[r]`` lists row ``r``'s groups (token indices into the row)."""
+    lm = ctx.lm
+    layers = list(range(lm.num_layers)) if layers is None else list(layers)
+    wanted = set(layers)
+    offsets = [0]
+    for g in groups:
+        offsets.append(offsets[-1] + len(g))
+    out = {layer: torch.zeros(offsets[-1], lm.hidden_size) for layer in layers}
+    lengths = [sum(len(s.ids) for s in r) for r in rows]
+    done = 0
+    for idx in chunks(lengths, ctx.chunk_tokens):
+        batch = pack([rows[i] for i in idx], lm.pad_id, lm.device)
+        L = batch.ids.shape[1]
+        flat, local = [], []  # token index in the batch, and its group's index within this chunk
+        for r, i in enumerate(idx):
+            for g, tokens in enumerate(groups[i]):
+                flat.extend(r * L + t for t in tokens)
+                local.extend([offsets[i] - offsets[idx[0]] + g] * len(tokens))
+        flat_t = torch.tensor(flat, device=lm.device, dtype=torch.long)
+        local_t = torch.tensor(local, dtype=torch.long)
+        first, n_groups = offsets[idx[0]], offsets[idx[-1] + 1] - offsets[idx[0]]
+        counts = torch.zeros(n_groups).index_add_(0, local_t, torch.ones(len(local))).clamp_min_(1).unsqueeze(-1)
+
+        def capture(layer: int, h: torch.Tensor) -> None:
+            if layer in wanted:
+                sel = h.flatten(0, 1)[flat_t].to("cpu", torch.float32)
+                acc = torch.zeros(n_groups, h.shape[-1]).index_add_(0, local_t, sel)
+                out[layer][first:first + n_groups] = acc / counts
+
+        packed_forward(ctx, batch, capture=capture)
+        done += len(idx)
+        yield Progress(done, len(rows), stage)
+    return out

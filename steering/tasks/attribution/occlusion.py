@@ -1,0 +1,48 @@
+"""Occlusion: leave one prompt token out and measure how much each objective drops.
+
+score_i = f(x) - f(x without token i). ``remove`` deletes the token (the sequence gets one shorter);
+``replace`` overwrites it with the pad token (the EOS token when there is none), keeping positions. All P
+variants are batched, as many per forward as fit the chunk token budget, and every variant serves every
+objective at once (one forward for all target tokens).
+"""
+
+from __future__ import annotations
+
+from typing import Literal
+
+import torch
+
+from steering.tasks.attribution.registry import AttributionMethod, MethodOutput, MethodParams, register
+from steering.errors import InvalidRequestError
+from steering.engine.jobs import Progress
+
+
+class OcclusionParams(MethodParams):
+    mode: Literal["remove", "replace"] = "remove"
+
+
+@register
+class Occlusion(AttributionMethod):
+    name = "occlusion"
+    Params = OcclusionParams
+    summary = "drop of the objective when one prompt token is removed (or replaced by the pad token)"
+
+    def run(self, runner, params: OcclusionParams):
+        P = runner.P
+        prompt = runner.prompt
+        if params.mode == "remove" and P < 2:
+            raise InvalidRequestError("occlusion by removal needs a prompt of at least 2 tokens",
+                                         param="params.mode")
+        f_x = runner.objectives(prompt.unsqueeze(0))[0]  # [K]
+        keep = ~torch.eye(P, dtype=torch.bool, device=prompt.device)
+        if params.mode == "remove":
+            variants = prompt.expand(P, P)[keep].view(P, P - 1)
+        else:
+            variants = torch.where(keep, prompt.expand(P, P), torch.full_like(prompt, runner.pad_id))
+        step = runner.rows_per_chunk(runner.C, variants.shape[1])
+        drops = []
+        for start in range(0, P, step):
+            f_var = runner.objectives(variants[start:start + step])  # [m, K]
+            drops.append(f_x.unsqueeze(0) - f_var)
+            yield Progress(min(start + step, P), P, "occlusion")
+        return MethodOutput(torch.cat(drops).T.contiguous(), {"f_input": f_x.tolist()})
