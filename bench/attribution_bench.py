@@ -34,6 +34,9 @@ import torch
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
+from steering.backends.hf import HFEngine  # noqa: E402
+from steering.backends.hf.loading import load_model, resolve_model_dir  # noqa: E402
+from steering.sampling import SamplingParams  # noqa: E402
 from steering.tasks.attribution import (  # noqa: E402
     AttributionLimits,
     AttributionRequest,
@@ -41,9 +44,6 @@ from steering.tasks.attribution import (  # noqa: E402
     attribute,
     method_names,
 )
-from steering.backends.hf import HFEngine  # noqa: E402
-from steering.backends.hf.loading import load_model, resolve_model_dir  # noqa: E402
-from steering.sampling import SamplingParams  # noqa: E402
 
 DATA = ROOT.parent / "shared" / "data" / "truthfulqa_dev.csv"
 INSEQ_PYTHON = "/work/venvs/inseq/bin/python"

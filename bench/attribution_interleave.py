@@ -23,11 +23,11 @@ import torch
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from steering.tasks.attribution import AttributionRequest, AttributionTarget, prepare  # noqa: E402
 from steering.backends.hf import EngineConfig, HFEngine  # noqa: E402
-from steering.engine import GenerationRequest  # noqa: E402
 from steering.backends.hf.loading import load_model  # noqa: E402
+from steering.engine import GenerationRequest  # noqa: E402
 from steering.sampling import SamplingParams  # noqa: E402
+from steering.tasks.attribution import AttributionRequest, AttributionTarget, prepare  # noqa: E402
 
 
 def gaps(engine: HFEngine, ids: list[int], tokens: int) -> list[float]:

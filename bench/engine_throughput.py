@@ -31,9 +31,8 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 from steering.backends.hf import EngineConfig, HFEngine  # noqa: E402
-from steering.engine import GenerationRequest  # noqa: E402
 from steering.backends.hf.loading import load_model  # noqa: E402
-from steering.inputs import encode_chat  # noqa: E402
+from steering.engine import GenerationRequest  # noqa: E402
 from steering.sampling import SamplingParams  # noqa: E402
 from steering.spec import SteeringSpec  # noqa: E402
 from steering.vectors import SteeringVector  # noqa: E402
@@ -42,8 +41,8 @@ TOPICS = ["robots", "the ocean", "volcanoes", "bread", "chess", "the moon", "bee
           "mountains", "libraries", "coffee", "bicycles", "owls", "glass", "rivers", "clocks", "maps", "salt"]
 
 
-def make_prompts(tokenizer, n: int) -> list[list[int]]:
-    return [encode_chat(tokenizer, [{"role": "user", "content": f"Write a short story about {TOPICS[i % 20]}."}])
+def make_prompts(inputs, n: int) -> list[list[int]]:
+    return [inputs.encode_chat([{"role": "user", "content": f"Write a short story about {TOPICS[i % 20]}."}])
             for i in range(n)]
 
 
@@ -142,7 +141,7 @@ def main() -> None:
     args = ap.parse_args()
 
     lm = load_model(None, device="cpu", dtype=args.dtype)
-    prompts = make_prompts(lm.tokenizer, args.requests)
+    prompts = make_prompts(lm.inputs, args.requests)
     print(f"model {lm.name} ({lm.num_layers} layers, hidden {lm.hidden_size}, {args.dtype}), "
           f"torch threads {torch.get_num_threads()}, {args.requests} requests x {args.tokens} tokens, greedy")
     g = torch.Generator().manual_seed(0)

@@ -69,12 +69,12 @@ def main() -> None:
     args = ap.parse_args()
     torch.set_num_threads(args.threads)
 
+    from steering.backends.hf import run_job
+    from steering.backends.hf.loading import load_model
+    from steering.datasets import load_examples
     from steering.tasks.attribution.packed import integrated_gradients
     from steering.tasks.builders import BuildRequest, build, encode
     from steering.tasks.builders.registry import BuilderParams
-    from steering.datasets import load_examples
-    from steering.engine.jobs import run_job
-    from steering.backends.hf.loading import load_model
     from steering.tasks.packing import answer_rows
 
     lm = load_model(None, device="cpu", dtype="float32")

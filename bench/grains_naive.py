@@ -28,8 +28,8 @@ import argparse
 import csv
 import sys
 import time
+from collections.abc import Callable, Sequence
 from pathlib import Path
-from typing import Callable, Sequence
 
 import torch
 from captum.attr import IntegratedGradients
@@ -98,7 +98,8 @@ def ig_token_scores(model, p, a, b, n_steps: int = 20):
     return s_p, s_a, s_b
 
 
-def select_positions(ids: Sequence[int], scores: Sequence[float], special: set[int], k: int, negative: bool) -> list[int]:
+def select_positions(ids: Sequence[int], scores: Sequence[float], special: set[int], k: int,
+                     negative: bool) -> list[int]:
     """k non-special positions with the largest positive (or most negative) scores; ties: lower position first."""
     if negative:
         cand = [(s, i) for i, (t, s) in enumerate(zip(ids, scores)) if t not in special and s < 0]

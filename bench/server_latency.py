@@ -5,7 +5,7 @@ Prints, measured in one run:
       target <= 5 ms;
   (2) steered / unsteered generation throughput over HTTP with 16 concurrent streaming clients, each using
       its own registered vector on every layer (normalize on); target >= 0.95.
-The server runs as a separate process (`python -m server.cli serve`), as in production.
+The server runs as a separate process (`python -m cli serve`), as in production.
 
 usage: python bench/server_latency.py [--prompts 20] [--clients 16] [--tokens 64] [--repeats 2]
 """
@@ -31,9 +31,8 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 from steering.backends.hf import HFEngine  # noqa: E402
-from steering.engine import GenerationRequest  # noqa: E402
 from steering.backends.hf.loading import load_model  # noqa: E402
-from steering.inputs import encode_chat  # noqa: E402
+from steering.engine import GenerationRequest  # noqa: E402
 from steering.sampling import SamplingParams  # noqa: E402
 
 QUESTIONS = ["What is the capital of France?", "Name three colours.", "Why is the sky blue?", "What is 2+2?",
@@ -44,9 +43,9 @@ QUESTIONS = ["What is the capital of France?", "Name three colours.", "Why is th
 def in_process_ttft(lm, prompts: list[str], runs: int) -> list[float]:
     out = []
     with HFEngine(lm).start() as engine:
-        engine.generate(encode_chat(lm.tokenizer, [{"role": "user", "content": "hi"}]), SamplingParams(max_tokens=2))
+        engine.generate(lm.inputs.encode_chat([{"role": "user", "content": "hi"}]), SamplingParams(max_tokens=2))
         for i in range(runs):
-            ids = encode_chat(lm.tokenizer, [{"role": "user", "content": prompts[i % len(prompts)]}])
+            ids = lm.inputs.encode_chat([{"role": "user", "content": prompts[i % len(prompts)]}])
             t0 = time.perf_counter()
             handle = engine.submit(GenerationRequest(ids, SamplingParams(max_tokens=8, temperature=0)))
             first = None

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Annotated, Optional
+from typing import Annotated
 
 import typer
 from rich.console import Console
@@ -13,19 +13,19 @@ from cli.common import DeviceOpt, DtypeOpt, ModelOpt, console, load, parse_param
 
 def attribute(
     prompt: Annotated[str, typer.Option("--prompt", "-p", help="The prompt (a user message with --chat).")],
-    target: Annotated[Optional[str], typer.Option(help="The continuation to explain (appended as is).")] = None,
-    preferred: Annotated[Optional[str], typer.Option(help="Contrastive: the preferred continuation.")] = None,
-    dispreferred: Annotated[Optional[str], typer.Option(help="Contrastive: the dispreferred one.")] = None,
+    target: Annotated[str | None, typer.Option(help="The continuation to explain (appended as is).")] = None,
+    preferred: Annotated[str | None, typer.Option(help="Contrastive: the preferred continuation.")] = None,
+    dispreferred: Annotated[str | None, typer.Option(help="Contrastive: the dispreferred one.")] = None,
     method: Annotated[str, typer.Option(help="integrated_gradients, saliency, input_x_gradient, attention, "
                                              "attention_rollout, occlusion, reagent.")] = "integrated_gradients",
     param: Annotated[list[str], typer.Option("--param", help="Method parameter key=value (repeatable), "
                                                              "e.g. n_steps=64.")] = [],  # noqa: B006
     per_token: Annotated[bool, typer.Option(help="One row per target token.")] = False,
     max_tokens: Annotated[int, typer.Option(help="Without a target: greedy tokens to generate and explain.")] = 16,
-    reduction: Annotated[Optional[str], typer.Option(help="Gradient methods: sum (default) or l2.")] = None,
+    reduction: Annotated[str | None, typer.Option(help="Gradient methods: sum (default) or l2.")] = None,
     top_k: Annotated[int, typer.Option(help="Most positive / negative tokens to list.")] = 5,
     chat: Annotated[bool, typer.Option(help="Wrap the prompt in the model's chat template.")] = False,
-    output: Annotated[Optional[Path], typer.Option(help="Also write the result as JSON here.")] = None,
+    output: Annotated[Path | None, typer.Option(help="Also write the result as JSON here.")] = None,
     model: ModelOpt = None,
     device: DeviceOpt = "auto",
     dtype: DtypeOpt = "auto",
@@ -35,11 +35,11 @@ def attribute(
 
     from rich.table import Table
 
-    from steering.tasks.attribution import AttributionRequest, AttributionTarget
-    from steering.tasks.attribution import attribute as run_attribution
     from steering.backends.hf import HFEngine
     from steering.errors import SteeringError
     from steering.sampling import SamplingParams
+    from steering.tasks.attribution import AttributionRequest, AttributionTarget
+    from steering.tasks.attribution import attribute as run_attribution
 
     if (preferred is None) != (dispreferred is None):
         raise typer.BadParameter("give both --preferred and --dispreferred", param_hint="--preferred")
@@ -61,7 +61,7 @@ def attribute(
             else:
                 cont = enc(target)
             tgt = (AttributionTarget.per_token if per_token else AttributionTarget.continuation)(cont)
-        req = AttributionRequest(ids, tgt, method, parse_params(param), reduction)
+        req = AttributionRequest(ids, tgt, method, parse_params(param), reduction)  # type: ignore[arg-type]
         res = run_with_bar(method, lambda cb: run_attribution(lm, req, on_progress=cb))
     except SteeringError as exc:
         console.print(f"[red]error:[/red] {exc.message}")

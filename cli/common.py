@@ -3,20 +3,20 @@
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Annotated, Optional
+from typing import Annotated
 
 import typer
 from rich.console import Console
 
 console = Console(stderr=True)
 
-ModelOpt = Annotated[Optional[str], typer.Option(
+ModelOpt = Annotated[str | None, typer.Option(
     "--model", "-m", envvar="STEERSERVE_MODEL",
     help="Hugging Face model directory or .gguf file; default: the embedded SmolLM2-135M-Instruct.")]
 DeviceOpt = Annotated[str, typer.Option(envvar="STEERSERVE_DEVICE", help="auto, cpu, cuda, cuda:N")]
 DirOpt = Annotated[Path, typer.Option("--vector-dir", envvar="STEERSERVE_VECTOR_DIR",
                                       help="Registry directory (the server's vector_dir).")]
-RowsOpt = Annotated[Optional[str], typer.Option(help="Rows of the file to use, e.g. '0-49' (default: all).")]
+RowsOpt = Annotated[str | None, typer.Option(help="Rows of the file to use, e.g. '0-49' (default: all).")]
 DtypeOpt = Annotated[str, typer.Option(envvar="STEERSERVE_DTYPE", help="auto (bf16/fp16 on GPU, fp32 on CPU), "
                                                                        "float32, bfloat16, float16")]
 
@@ -65,8 +65,14 @@ def parse_params(items: list[str]) -> dict:
 
 
 def progress_bar():
-    from rich.progress import BarColumn, Progress, TaskProgressColumn, TextColumn, TimeElapsedColumn, \
-        TimeRemainingColumn
+    from rich.progress import (
+        BarColumn,
+        Progress,
+        TaskProgressColumn,
+        TextColumn,
+        TimeElapsedColumn,
+        TimeRemainingColumn,
+    )
 
     return Progress(TextColumn("[progress.description]{task.description}"), BarColumn(), TaskProgressColumn(),
                     TimeElapsedColumn(), TextColumn("eta"), TimeRemainingColumn(), console=console)

@@ -12,7 +12,7 @@ from __future__ import annotations
 import json
 import sys
 from pathlib import Path
-from typing import Annotated, Optional
+from typing import Annotated
 
 import typer
 
@@ -22,14 +22,14 @@ from cli.common import (
     DtypeOpt,
     ModelOpt,
     RowsOpt,
+    console,
     fail,
     load,
+    open_store,
     parse_layers,
     parse_params,
     parse_positions,
-    open_store,
     run_with_bar,
-    console,
 )
 from steering.store import DEFAULT_VECTOR_DIR
 
@@ -44,18 +44,18 @@ LayersOpt = Annotated[list[str], typer.Option("--layers", help="Layers, e.g. '3'
 PositionsOpt = Annotated[str, typer.Option(help="all, prompt, generated, or token positions '3,4'.")]
 AbsoluteOpt = Annotated[bool, typer.Option(help="Scales are absolute (default: fractions of each layer's mean "
                                                 "hidden-state norm, as in sweeps).")]
-OutputOpt = Annotated[Optional[Path], typer.Option(help="Write the JSON report here.")]
-MarkdownOpt = Annotated[Optional[Path], typer.Option(help="Write the Markdown table here.")]
+OutputOpt = Annotated[Path | None, typer.Option(help="Write the JSON report here.")]
+MarkdownOpt = Annotated[Path | None, typer.Option(help="Write the Markdown table here.")]
 
 
 def _per_vector(values: list[str], n: int, option: str) -> list[str | None]:
     if not values:
         return [None] * n
     if len(values) == 1:
-        return values * n
+        return [values[0]] * n
     if len(values) != n:
         raise typer.BadParameter(f"give {option} once, or once per --vector ({n})", param_hint=option)
-    return values
+    return list[str | None](values)
 
 
 def conditions_from_options(store, vectors: list[str], scales: list[str], layers: list[str], positions: str,
@@ -90,7 +90,7 @@ def conditions_from_options(store, vectors: list[str], scales: list[str], layers
     return out
 
 
-def _emit(report, output: Optional[Path], markdown: Optional[Path]) -> None:
+def _emit(report, output: Path | None, markdown: Path | None) -> None:
     from steering.files import atomic_write_text
 
     md = report.markdown()
@@ -116,7 +116,7 @@ def truthfulqa(
     absolute: AbsoluteOpt = False,
     template: Annotated[str, typer.Option(help="Prompt template with {question}.")] = "Q: {question}\nA:",
     chat: Annotated[bool, typer.Option(help="Put the filled template in the model's chat template.")] = False,
-    system_prompt: Annotated[Optional[str], typer.Option(help="Chat only: a system message.")] = None,
+    system_prompt: Annotated[str | None, typer.Option(help="Chat only: a system message.")] = None,
     per_question: Annotated[bool, typer.Option(help="Keep every question's scores in the JSON report.")] = False,
     output: OutputOpt = None,
     markdown: MarkdownOpt = None,
@@ -174,10 +174,10 @@ def read_prompts(path: Path) -> list[str]:
 
 @app.command()
 def steer(
-    prompts: Annotated[Optional[Path], typer.Option(help="Prompts: a text file (one per line) or .jsonl with "
+    prompts: Annotated[Path | None, typer.Option(help="Prompts: a text file (one per line) or .jsonl with "
                                                          "'prompt'.")] = None,
     prompt: Annotated[list[str], typer.Option("--prompt", "-p", help="A prompt (repeatable).")] = [],  # noqa: B006
-    questions: Annotated[Optional[Path], typer.Option(help="Use TruthfulQA questions (a CSV) as prompts, filled "
+    questions: Annotated[Path | None, typer.Option(help="Use TruthfulQA questions (a CSV) as prompts, filled "
                                                            "into --template.")] = None,
     rows: RowsOpt = None,
     template: Annotated[str, typer.Option(help="With --questions: the prompt template.")] = "Q: {question}\nA:",
@@ -191,7 +191,7 @@ def steer(
     scorer_param: Annotated[list[str], typer.Option("--scorer-param", help="Scorer parameter key=value "
                                                                            "(repeatable), e.g. words=[\"cat\"].")] = [],  # noqa: B006
     chat: Annotated[bool, typer.Option(help="Prompts as user messages in the chat template.")] = True,
-    system_prompt: Annotated[Optional[str], typer.Option(help="Chat only: a system message.")] = None,
+    system_prompt: Annotated[str | None, typer.Option(help="Chat only: a system message.")] = None,
     max_tokens: Annotated[int, typer.Option(help="Tokens generated per prompt.")] = 48,
     temperature: Annotated[float, typer.Option(help="0 for greedy.")] = 0.0,
     top_p: float = 1.0,

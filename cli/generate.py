@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import sys
 from pathlib import Path
-from typing import Annotated, Optional
+from typing import Annotated
 
 import typer
 
@@ -19,10 +19,10 @@ def generate(
     temperature: Annotated[float, typer.Option(help="0 for greedy.")] = 0.0,
     top_p: float = 1.0,
     top_k: int = 0,
-    seed: Optional[int] = None,
-    vector: Annotated[Optional[Path], typer.Option(help="Steering vector (.safetensors).")] = None,
+    seed: int | None = None,
+    vector: Annotated[Path | None, typer.Option(help="Steering vector (.safetensors).")] = None,
     scale: Annotated[float, typer.Option(help="Steering scale.")] = 4.0,
-    layers: Annotated[Optional[str], typer.Option(help="Layers to steer, e.g. '12,13' or '10-14'; "
+    layers: Annotated[str | None, typer.Option(help="Layers to steer, e.g. '12,13' or '10-14'; "
                                                        "default: every layer of the vector.")] = None,
     positions: Annotated[str, typer.Option(help="all, prompt, generated, or token positions '3,4,5'.")] = "all",
     normalize: Annotated[bool, typer.Option(help="Keep each steered token's norm.")] = True,
@@ -59,7 +59,8 @@ def generate(
                 sys.stdout.flush()
                 last = out
             sys.stdout.write("\n")
-            if last is not None and last.error is not None:
+            assert last is not None  # a handle always ends with a finished delta
+            if last.error is not None:
                 raise last.error
             console.print(f"[dim]{last.num_generated_tokens} tokens, finish_reason={last.finish_reason}[/dim]")
     except SteeringError as exc:

@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import json
 from pathlib import Path
-from typing import Annotated, Optional
+from typing import Annotated
 
 import typer
 from rich.console import Console
@@ -17,13 +17,13 @@ from cli.common import (
     DtypeOpt,
     ModelOpt,
     RowsOpt,
+    console,
     fail,
     load,
+    open_store,
     parse_layers,
     parse_params,
-    open_store,
     run_with_bar,
-    console,
 )
 from steering.store import DEFAULT_VECTOR_DIR
 
@@ -44,13 +44,14 @@ def _sweep_table(res) -> Table:
     return table
 
 
-def _sweep_config(scales: str, layers: Optional[str], absolute: bool, metric: str, positions: str):
-    from steering.tasks.builders import SweepConfig
+def _sweep_config(scales: str, layers: str | None, absolute: bool, metric: str, positions: str):
     from cli.common import parse_positions
+    from steering.tasks.builders import SweepConfig
 
     pos = parse_positions(positions)
     return SweepConfig(scales=[float(s) for s in scales.split(",") if s.strip()], layers=parse_layers(layers),
-                       relative=not absolute, metric=metric, positions=pos if isinstance(pos, str) else tuple(pos))
+                       relative=not absolute, metric=metric,  # type: ignore[arg-type]  # checked by check_sweep
+                       positions=pos if isinstance(pos, str) else tuple(pos))  # type: ignore[arg-type]
 
 
 @app.command()
@@ -62,9 +63,9 @@ def build(
     rows: RowsOpt = None,
     param: Annotated[list[str], typer.Option("--param", help="Method parameter key=value (repeatable), e.g. "
                                                              "k=10, n_steps=20, mode=pos.")] = [],  # noqa: B006
-    layers: Annotated[Optional[str], typer.Option(help="Layers to build, e.g. '10-20' (default: all).")] = None,
-    validation: Annotated[Optional[Path], typer.Option(help="Validation examples: then sweep layers x scales.")] = None,
-    validation_rows: Annotated[Optional[str], typer.Option(help="Rows of the validation file.")] = None,
+    layers: Annotated[str | None, typer.Option(help="Layers to build, e.g. '10-20' (default: all).")] = None,
+    validation: Annotated[Path | None, typer.Option(help="Validation examples: then sweep layers x scales.")] = None,
+    validation_rows: Annotated[str | None, typer.Option(help="Rows of the validation file.")] = None,
     scales: Annotated[str, typer.Option(help="Sweep scales, comma-separated.")] = "0.25,0.5,1,2",
     absolute: Annotated[bool, typer.Option(help="Sweep scales are absolute (default: fractions of each layer's "
                                                 "mean hidden-state norm).")] = False,
@@ -78,10 +79,11 @@ def build(
     dtype: DtypeOpt = "auto",
 ) -> None:
     """Build a steering vector from preference examples (one pass builds every layer), with a progress bar."""
-    from steering.tasks.builders import BuildRequest, build as run_build
     from steering.datasets import load_examples
     from steering.errors import SteeringError
     from steering.store import check_name
+    from steering.tasks.builders import BuildRequest
+    from steering.tasks.builders import build as run_build
 
     try:
         check_name(name)
@@ -115,22 +117,22 @@ def sweep(
     data: Annotated[Path, typer.Argument(help="Validation examples (.jsonl or TruthfulQA .csv).")],
     rows: RowsOpt = None,
     scales: Annotated[str, typer.Option(help="Scales, comma-separated.")] = "0.25,0.5,1,2",
-    layers: Annotated[Optional[str], typer.Option(help="Layers (default: all of the vector's).")] = None,
+    layers: Annotated[str | None, typer.Option(help="Layers (default: all of the vector's).")] = None,
     absolute: Annotated[bool, typer.Option(help="Absolute scales (default: fractions of hidden norms).")] = False,
     metric: Annotated[str, typer.Option(help="accuracy or margin.")] = "accuracy",
     positions: Annotated[str, typer.Option(help="all, prompt, generated.")] = "all",
     template: Annotated[str, typer.Option(help="TruthfulQA CSV prompt template.")] = "Q: {question}\nA:",
-    output: Annotated[Optional[Path], typer.Option(help="Write the table as JSON here.")] = None,
+    output: Annotated[Path | None, typer.Option(help="Write the table as JSON here.")] = None,
     vector_dir: DirOpt = DEFAULT_VECTOR_DIR,
     model: ModelOpt = None,
     device: DeviceOpt = "auto",
     dtype: DtypeOpt = "auto",
 ) -> None:
     """Score a vector over layers x scales on validation examples (binary preferred vs dispreferred)."""
-    from steering.tasks.builders import sweep as run_sweep
     from steering.datasets import load_examples
     from steering.errors import SteeringError
     from steering.files import atomic_write_text
+    from steering.tasks.builders import sweep as run_sweep
 
     try:
         examples = load_examples(data, rows, template)

@@ -45,7 +45,7 @@ class SteerClient:
     def close(self) -> None:
         self._http.close()
 
-    def __enter__(self) -> "SteerClient":
+    def __enter__(self) -> SteerClient:
         return self
 
     def __exit__(self, *exc) -> None:

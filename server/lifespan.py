@@ -60,7 +60,10 @@ class AppState:
         return self.services is not None and not self.draining and self.services.backend.alive()
 
 
-def lifespan(state: AppState, backend: GenerationBackend | None) -> Callable[[FastAPI], contextlib.AbstractAsyncContextManager[None]]:
+Lifespan = Callable[[FastAPI], contextlib.AbstractAsyncContextManager[None]]
+
+
+def lifespan(state: AppState, backend: GenerationBackend | None) -> Lifespan:
     """Start-up and shutdown. A ``backend`` passed in is the caller's: it is drained, not stopped."""
     settings = state.settings
 

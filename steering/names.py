@@ -8,16 +8,11 @@ unknown name with an error that lists the valid ones.
 from __future__ import annotations
 
 from collections.abc import Iterator
-from typing import Generic, Protocol, TypeVar
+from typing import Generic, TypeVar
 
 from steering.errors import InvalidRequestError
 
-
-class _Named(Protocol):
-    name: str
-
-
-C = TypeVar("C", bound=type[_Named])
+C = TypeVar("C", bound=type)
 
 
 class Registry(Generic[C]):
@@ -31,9 +26,11 @@ class Registry(Generic[C]):
         self._items: dict[str, C] = {}
 
     def register(self, cls: C) -> C:
-        if cls.name in self._items:
-            raise ValueError(f"{self.kind} {cls.name!r} is already registered")
-        self._items[cls.name] = cls
+        """Add ``cls`` under its ``name`` (a class attribute)."""
+        name: str = getattr(cls, "name")  # noqa: B009 - every component class declares one
+        if name in self._items:
+            raise ValueError(f"{self.kind} {name!r} is already registered")
+        self._items[name] = cls
         return cls
 
     def names(self) -> list[str]:

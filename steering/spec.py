@@ -60,7 +60,8 @@ class SteeringApplication:
     scale: float = 1.0
     layers: Sequence[int] | None = None
     """None: every layer the vector has values for."""
-    positions: Positions = "all"
+    positions: Positions | Sequence[int] = "all"
+    """A position kind or absolute token positions (kept as a tuple)."""
     normalize: bool = False
 
     def __post_init__(self) -> None:
@@ -75,7 +76,8 @@ class SteeringApplication:
         src: dict[str, Any] = ({"name": self.vector} if isinstance(self.vector, str)
                                else {"values": {str(k): v.tolist() for k, v in sorted(self.vector.values.items())}})
         return {**src, "scale": self.scale, "layers": None if self.layers is None else list(self.layers),
-                "positions": describe_positions(self.positions), "normalize": self.normalize}
+                "positions": self.positions if isinstance(self.positions, str) else list(self.positions),
+                "normalize": self.normalize}
 
     @classmethod
     def from_dict(cls, data: Mapping[str, Any]) -> SteeringApplication:

@@ -67,7 +67,7 @@ class SteeringVector:
         atomic_write(path, lambda tmp: save_file(tensors, tmp, metadata=meta))
 
     @classmethod
-    def load(cls, path: str | os.PathLike) -> "SteeringVector":
+    def load(cls, path: str | os.PathLike) -> SteeringVector:
         from safetensors import safe_open
 
         values: dict[int, torch.Tensor] = {}
@@ -80,7 +80,7 @@ class SteeringVector:
         return cls(values=values, name=meta.get("name"), metadata=meta.get("metadata") or {})
 
     @classmethod
-    def from_lists(cls, values: dict[int, list[float]], name: str | None = None) -> "SteeringVector":
+    def from_lists(cls, values: dict[int, list[float]], name: str | None = None) -> SteeringVector:
         out = {}
         for layer, vals in values.items():
             if any(not isinstance(x, (int, float)) or (isinstance(x, float) and not math.isfinite(x)) for x in vals):

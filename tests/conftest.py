@@ -1,19 +1,16 @@
 from __future__ import annotations
 
 import os
-import sys
 from pathlib import Path
 
 import pytest
 import torch
 
-sys.path.insert(0, str(Path(__file__).parent))
+from steering.backends.hf import EngineConfig, HFEngine
+from steering.backends.hf.loading import load_model
+from tests.tiny import build_model
+
 torch.set_num_threads(max(1, min(2, os.cpu_count() or 1)))
-
-from tiny import build_model  # noqa: E402
-
-from steering.backends.hf import EngineConfig, HFEngine  # noqa: E402
-from steering.backends.hf.loading import load_model  # noqa: E402
 
 
 @pytest.fixture(scope="session")
@@ -45,3 +42,28 @@ def make_engine(tiny_lm):
 def real_lm():
     """The embedded default model (SmolLM2-135M-Instruct); converted once into the cache."""
     return load_model(None, device="cpu", dtype="float32")
+
+
+@pytest.fixture(scope="session")
+def tiny_tokenizer(tmp_path_factory):
+    """The tiny models' tokenizer alone (no model), for the fake backend."""
+    from tests.tiny import build_tokenizer
+
+    return build_tokenizer(tmp_path_factory.mktemp("tiny-tokenizer"))
+
+
+@pytest.fixture
+def make_fake(tiny_tokenizer):
+    """Start fake backends (:mod:`tests.fakes`); each is shut down afterwards."""
+    from tests.fakes import FakeBackend
+
+    made = []
+
+    def _make(cls=FakeBackend, **kw):
+        backend = cls(tiny_tokenizer, **kw).start()
+        made.append(backend)
+        return backend
+
+    yield _make
+    for backend in made:
+        backend.shutdown()

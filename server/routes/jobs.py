@@ -12,7 +12,7 @@ router = APIRouter(prefix="/v1/jobs", tags=["jobs"], dependencies=[Depends(requi
 
 @router.get("", response_model=JobList)
 async def list_jobs(jobs: JobsDep) -> JobList:
-    return jobs.list()
+    return jobs.listing()
 
 
 @router.get("/{job_id}", response_model=JobInfo)

@@ -21,7 +21,7 @@ router = APIRouter(prefix="/v1", tags=["openai"], dependencies=[Depends(require_
 
 @router.get("/models", response_model=ModelList)
 async def list_models(svc: ServicesDep) -> ModelList:
-    return svc.models.list()
+    return svc.models.listing()
 
 
 @router.post("/chat/completions", response_model=ChatCompletionResponse)

@@ -17,8 +17,9 @@ PATHS = (("/v1/attributions", ["POST"]), ("/v1/attributions/methods", ["GET"]), 
 
 
 def _unavailable(state: StateDep) -> NoReturn:
-    raise UnsupportedError(f"this server's backend ({state.settings.backend}) runs no analysis jobs "
-                           "(attribution, evaluations); use the hf backend for them")
+    kind = state.services.backend.kind if state.services is not None else state.settings.backend
+    raise UnsupportedError(f"this server's backend ({kind}) runs no analysis jobs (attribution, evaluations, "
+                           "vector builds); the hf backend runs them")
 
 
 for _path, _methods in PATHS:

@@ -43,7 +43,7 @@ _UPLOAD_BODY = {"requestBody": {"required": True, "content": {
 
 @router.get("/vectors", response_model=VectorList)
 async def list_vectors(svc: ServicesDep) -> VectorList:
-    return svc.vectors.list()
+    return svc.vectors.listing()
 
 
 @router.post("/vectors", response_model=VectorInfo, status_code=201, openapi_extra=_UPLOAD_BODY)

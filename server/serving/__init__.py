@@ -57,7 +57,8 @@ def build_services(settings: ServerSettings, backend: GenerationBackend) -> Serv
             max_target_tokens=settings.attribution_max_target_tokens, max_n_steps=settings.attribution_max_n_steps,
             max_probes=settings.attribution_max_probes, max_probe_steps=settings.attribution_max_probe_steps))
         evaluations = EvaluationService(backend, store, jobs, settings.eval_max_prompts, settings.eval_max_scored_rows)
-    limits = builders.BuildLimits(max_examples=settings.build_max_examples, max_sweep_rows=settings.build_max_sweep_rows)
+    limits = builders.BuildLimits(max_examples=settings.build_max_examples,
+                                  max_sweep_rows=settings.build_max_sweep_rows)
     return Services(
         backend=backend, store=store, metrics=metrics, models=models,
         generation=GenerationService(submitter, models), tokenizer=TokenizerService(backend.inputs, models),

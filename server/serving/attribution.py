@@ -5,6 +5,7 @@ steering) is generated first and explained."""
 from __future__ import annotations
 
 import time
+from typing import Any
 
 from server.metrics import Metrics
 from server.protocol.attribution import (
@@ -128,7 +129,7 @@ class AttributionService:
             queue_seconds=round((m.start_time or m.arrival_time) - m.arrival_time, 6),
         )
         applied = None if prep.steering is None else [AppliedSteering(**d) for d in prep.steering.describe()]
-        body = dict(
+        body: dict[str, Any] = dict(
             model=self.models.name, method=res.method, params=res.params, reduction=res.reduction,
             target_type=res.target.kind, generated_target=generated, input_tokens=inputs,
             objective=res.objective, top_positive=ranked(res.top(req.top_k)),
@@ -141,4 +142,4 @@ class AttributionService:
             body["target"] = self._tokens(list(conts[0]), res.token_logprobs[0])
         if res.target.kind == "per_token":
             body["matrix"] = res.scores.tolist()
-        return AttributionResponse(**body)  # type: ignore[arg-type]
+        return AttributionResponse(**body)

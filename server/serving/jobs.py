@@ -106,7 +106,7 @@ class JobService:
         stage = "saving" if status == "running" and h.done() else (h.progress.stage or None)
         if status == "succeeded":
             progress, eta = 1.0, 0.0
-        return JobInfo(id=h.job_id, type=rec.type, status=status, stage=stage,  # type: ignore[arg-type]
+        return JobInfo(id=h.job_id, type=rec.type, status=status, stage=stage,
                        progress=None if progress is None else round(progress, 4), eta_seconds=eta,
                        created_at=int(rec.created), started_at=None if started is None else int(started),
                        finished_at=None if rec.finished_at is None else int(rec.finished_at),
@@ -115,7 +115,7 @@ class JobService:
     def get(self, job_id: str) -> JobInfo:
         return self.info(self._get(job_id))
 
-    def list(self) -> JobList:
+    def listing(self) -> JobList:
         return JobList(data=[self.info(r) for r in self._jobs.values()])
 
     def cancel(self, job_id: str) -> JobInfo:

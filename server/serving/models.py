@@ -27,5 +27,5 @@ class ModelService:
             raise NotFoundError(f"the model '{name}' does not exist; this server serves '{self.name}'",
                                 param="model")
 
-    def list(self) -> ModelList:
+    def listing(self) -> ModelList:
         return ModelList(data=[self.card])

@@ -4,7 +4,7 @@ in the metrics, and streams back; when the consumer stops early (a client went a
 from __future__ import annotations
 
 import asyncio
-from collections.abc import AsyncIterator, Sequence
+from collections.abc import AsyncGenerator, AsyncIterator, Sequence
 from dataclasses import dataclass
 
 from server.metrics import Metrics
@@ -64,7 +64,7 @@ class Submitter:
                 self.metrics.steered.labels(self.metrics.model_name, app.name or "inline").inc(len(handles))
         return Submitted(handles, len(prompt_ids))
 
-    async def stream(self, handle: RequestHandle) -> AsyncIterator[RequestOutput]:
+    async def stream(self, handle: RequestHandle) -> AsyncGenerator[RequestOutput, None]:
         """Deltas of one request; if the consumer stops early, the generation is cancelled."""
         last_time = None
         generated = 0
@@ -87,7 +87,7 @@ class Submitter:
 
     async def merge(self, sub: Submitted) -> AsyncIterator[tuple[int, RequestOutput]]:
         """Interleave the deltas of the choices as they come; cancel all on early exit."""
-        streams = [self.stream(h) for h in sub.handles]
+        streams: list[AsyncGenerator[RequestOutput, None]] = [self.stream(h) for h in sub.handles]
         if len(streams) == 1:
             try:
                 async for out in streams[0]:
@@ -97,12 +97,12 @@ class Submitter:
             return
         queue: asyncio.Queue[tuple[int, RequestOutput | None]] = asyncio.Queue()
 
-        async def pump(i: int, stream: AsyncIterator[RequestOutput]) -> None:
+        async def pump(i: int, stream: AsyncGenerator[RequestOutput, None]) -> None:
             try:
                 async for out in stream:
                     await queue.put((i, out))
             finally:
-                await stream.aclose()  # type: ignore[attr-defined]
+                await stream.aclose()
                 await queue.put((i, None))
 
         tasks = [asyncio.create_task(pump(i, s)) for i, s in enumerate(streams)]

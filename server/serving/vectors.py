@@ -43,7 +43,7 @@ class VectorService:
         """None: the backend cannot run jobs, so vectors cannot be built or swept here."""
         self.limits = limits
 
-    def list(self) -> VectorList:
+    def listing(self) -> VectorList:
         return VectorList(data=[vector_info(self.store.get(n)) for n in self.store.names()])
 
     def get(self, name: str) -> VectorInfo:

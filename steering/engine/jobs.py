@@ -46,7 +46,7 @@ def scaled(gen: Generator[Progress | None, Any, T], start: float, end: float) ->
                 item = Progress(item.done, item.total, item.stage, start + (end - start) * min(1.0, f))
             item = gen.send((yield item))  # type: ignore[misc]
     except StopIteration as stop:
-        return stop.value  # type: ignore[no-any-return]
+        return stop.value
 
 
 class JobContext(ABC):

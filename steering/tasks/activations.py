@@ -1,7 +1,7 @@
 """Collecting decoder-layer outputs (the residual stream the steering hooks act on) at chosen tokens, for every
 requested layer in one forward pass.
 
-The engine's hooks hand each layer's output to a capture function; nothing is registered per call. Rows are
+The backend's runner hands each layer's output to a capture function; nothing is registered per call. Rows are
 packed (:mod:`steering.tasks.packing`) and chunked to the job's token budget. A *group* is a list of token indices
 in its row; its activation is the mean over those tokens (one index: that token's state).
 """
@@ -26,15 +26,16 @@ def collect(ctx: JobContext, rows: Sequence[Sequence[Segment]], groups: Sequence
     layers = list(range(lm.num_layers)) if layers is None else list(layers)
     wanted = set(layers)
     offsets = [0]
-    for g in groups:
-        offsets.append(offsets[-1] + len(g))
+    for row_groups in groups:
+        offsets.append(offsets[-1] + len(row_groups))
     out = {layer: torch.zeros(offsets[-1], lm.hidden_size) for layer in layers}
     lengths = [sum(len(s.ids) for s in r) for r in rows]
     done = 0
     for idx in chunks(lengths, ctx.chunk_tokens):
         batch = pack([rows[i] for i in idx], lm.pad_id, lm.device)
         L = batch.ids.shape[1]
-        flat, local = [], []  # token index in the batch, and its group's index within this chunk
+        flat: list[int] = []  # token index in the batch
+        local: list[int] = []  # its group's index within this chunk
         for r, i in enumerate(idx):
             for g, tokens in enumerate(groups[i]):
                 flat.extend(r * L + t for t in tokens)
@@ -44,7 +45,8 @@ def collect(ctx: JobContext, rows: Sequence[Sequence[Segment]], groups: Sequence
         first, n_groups = offsets[idx[0]], offsets[idx[-1] + 1] - offsets[idx[0]]
         counts = torch.zeros(n_groups).index_add_(0, local_t, torch.ones(len(local))).clamp_min_(1).unsqueeze(-1)
 
-        def capture(layer: int, h: torch.Tensor) -> None:
+        def capture(layer: int, h: torch.Tensor, flat_t: torch.Tensor = flat_t, local_t: torch.Tensor = local_t,
+                    first: int = first, n_groups: int = n_groups, counts: torch.Tensor = counts) -> None:
             if layer in wanted:
                 sel = h.flatten(0, 1)[flat_t].to("cpu", torch.float32)
                 acc = torch.zeros(n_groups, h.shape[-1]).index_add_(0, local_t, sel)

@@ -50,7 +50,9 @@ def pack(rows: Sequence[Sequence[Segment]], pad_id: int, device: torch.device) -
     starts: list[list[int]] = []
     prompt_lens = []
     for r, segs in enumerate(rows):
-        at, row_starts, ends = 0, [], []
+        at = 0
+        row_starts: list[int] = []
+        ends: list[int] = []
         ancestors: list[list[int]] = []
         for j, seg in enumerate(segs):
             k = len(seg.ids)
@@ -90,7 +92,10 @@ def targets(batch: PackedBatch, rows: Sequence[Sequence[Segment]]):
     The first token of a child is predicted by its parent's last token; each later one by the token before it.
     Returns (pred_index [M], token [M], group [M], groups list[(row, seg)])."""
     L = batch.ids.shape[1]
-    pred, tok, grp, groups = [], [], [], []
+    pred: list[int] = []
+    tok: list[int] = []
+    grp: list[int] = []
+    groups: list[tuple[int, int]] = []
     for r, segs in enumerate(rows):
         for j, seg in enumerate(segs):
             if seg.parent is None:

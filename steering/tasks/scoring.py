@@ -66,7 +66,8 @@ class ScoredItem:
 def score_answers(ctx: JobContext, items: Sequence[tuple[Sequence[int], Sequence[Sequence[int]]]],
                   apps: Sequence[Sequence[Any]] | None = None, stage: str = "scoring"):
     """Job generator: for each (prompt ids, [answer ids, ...]) the answers' summed log-probabilities, with the
-    item's steering ``apps[i]`` (from ``ctx.steering``; empty: unsteered). Returns list[ScoredItem]; yields once per chunk."""
+    item's steering ``apps[i]`` (from ``ctx.steering``; empty: unsteered). Returns list[ScoredItem]; yields once
+    per chunk."""
     rows: list[list[Segment]] = [answer_rows(p, answers) for p, answers in items]
     lengths = [sum(len(s.ids) for s in r) for r in rows]
     out: list[ScoredItem | None] = [None] * len(rows)

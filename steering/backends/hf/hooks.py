@@ -112,7 +112,7 @@ class SteeringBatch:
         gates[rows, :, torch.arange(V, device=self.device)] = gate_vt
         return gates
 
-    def gates(self, positions: torch.Tensor, prompt_lens: torch.Tensor) -> "StepSteering":
+    def gates(self, positions: torch.Tensor, prompt_lens: torch.Tensor) -> StepSteering:
         """Gates for one forward: ``positions`` [B, T] absolute positions, ``prompt_lens`` [B]."""
         return StepSteering(self, self._gates(self._norm_rule, positions, prompt_lens),
                             self._gates(self._raw_rule, positions, prompt_lens))
@@ -130,8 +130,13 @@ class StepSteering:
     def _layer_deltas(self, layer: int, table: _LayerTable):
         cached = self._deltas.get(layer)
         if cached is None:
-            norm = torch.matmul(self.norm_gates, table.norm_vectors) if table.norm_vectors is not None else None
-            raw = torch.matmul(self.raw_gates, table.raw_vectors) if table.raw_vectors is not None else None
+            norm = raw = None
+            if table.norm_vectors is not None:
+                assert self.norm_gates is not None
+                norm = torch.matmul(self.norm_gates, table.norm_vectors)
+            if table.raw_vectors is not None:
+                assert self.raw_gates is not None
+                raw = torch.matmul(self.raw_gates, table.raw_vectors)
             cached = self._deltas[layer] = (norm, raw)  # [B, T, d] each
         return cached
 
@@ -170,7 +175,7 @@ class SteeringHooks:
             if not steer and capture is None:
                 return None
             h = output[0] if isinstance(output, tuple) else output
-            if steer:
+            if step is not None and steer:
                 h = step.apply(index, h)
             if capture is not None:
                 capture(index, h)

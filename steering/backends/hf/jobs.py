@@ -99,7 +99,7 @@ def run_job(work: Work[T], lm: LoadedModel | ModelRunner, *, chunk_tokens: int =
         while not job.advance(runner, chunk_tokens):
             if on_progress is not None:
                 on_progress(job.handle.progress)
-        return job.handle.result()  # type: ignore[no-any-return]
+        return job.handle.result()
     finally:
         if own:
             runner.close()

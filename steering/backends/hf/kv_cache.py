@@ -84,6 +84,7 @@ class SlotKVCache(Cache):
             self.keys[layer_idx] = key_states.new_zeros(shape)
             self.values[layer_idx] = value_states.new_zeros(shape)
         k_store, v_store = self.keys[layer_idx], self.values[layer_idx]
+        assert k_store is not None and v_store is not None
         if self._mode == "prefill":
             s, e, t = self._start, self._start + self._rows, key_states.shape[2]
             k_store[s:e, :, :t] = key_states

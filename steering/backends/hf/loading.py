@@ -23,9 +23,9 @@ from typing import Any
 import torch
 from torch import nn
 
-from steering.errors import ModelLoadError
 from steering.backends.hf.layers import find_decoder_layers
 from steering.engine.types import ModelInfo
+from steering.errors import ModelLoadError
 from steering.inputs import Inputs
 
 log = logging.getLogger(__name__)
@@ -67,7 +67,8 @@ def resolve_device(device: str = "auto") -> torch.device:
     return dev
 
 
-_DTYPES = {"float64": torch.float64, "float32": torch.float32, "fp32": torch.float32, "float16": torch.float16, "fp16": torch.float16,
+_DTYPES = {"float64": torch.float64, "float32": torch.float32, "fp32": torch.float32, "float16": torch.float16,
+           "fp16": torch.float16,
            "bfloat16": torch.bfloat16, "bf16": torch.bfloat16}
 
 
@@ -149,7 +150,8 @@ def convert_gguf(gguf_path: Path, cache_dir: Path | None = None) -> Path:
 class LoadedModel:
     """A model ready for steering: the module, its tokenizer and decoder layers, and its description."""
 
-    model: nn.Module
+    model: Any
+    """The transformers ``PreTrainedModel`` (a causal LM)."""
     tokenizer: Any
     layers: nn.ModuleList
     name: str
@@ -170,9 +172,12 @@ class LoadedModel:
         cfg = self.model.config
         self.text_config = cfg.get_text_config() if hasattr(cfg, "get_text_config") else cfg
         tc = self.text_config
-        self.hidden_size = int(getattr(tc, "hidden_size", None) or tc.n_embd)
+        hidden = getattr(tc, "hidden_size", None) or getattr(tc, "n_embd", None)
+        if hidden is None:
+            raise ModelLoadError(f"{type(self.model).__name__}: the config gives no hidden size")
+        self.hidden_size = int(hidden)
         self.num_layers = len(self.layers)
-        self.max_model_len = int(getattr(tc, "max_position_embeddings", None) or getattr(tc, "n_positions", 2048))
+        self.max_model_len = int(getattr(tc, "max_position_embeddings", None) or getattr(tc, "n_positions", 0) or 2048)
         self.vocab_size = int(self.model.get_output_embeddings().weight.shape[0])
         self.inputs = Inputs(self.tokenizer)
         self._softcap = getattr(tc, "final_logit_softcapping", None)
@@ -249,7 +254,7 @@ def load_model(
     dev = resolve_device(device)
     torch_dtype = resolve_dtype(dtype, dev)
     try:
-        model = AutoModelForCausalLM.from_pretrained(
+        model: Any = AutoModelForCausalLM.from_pretrained(
             str(model_dir), dtype=torch_dtype, local_files_only=True, attn_implementation=attn_implementation
         )
         tokenizer = AutoTokenizer.from_pretrained(str(model_dir), local_files_only=True)

@@ -33,10 +33,12 @@ class AttentionMasks:
         mask = torch.zeros(keep.shape, device=keep.device, dtype=self.dtype)
         return mask.masked_fill_(~keep, torch.finfo(self.dtype).min).unsqueeze(1)
 
-    def __call__(self, keep: torch.Tensor, q_pos: torch.Tensor, k_pos: torch.Tensor):
+    def __call__(self, keep: torch.Tensor, q_pos: torch.Tensor,
+                 k_pos: torch.Tensor) -> torch.Tensor | dict[str, torch.Tensor]:
         """``keep`` [n, Q, K]: may query q see key k; ``q_pos`` [n, Q] and ``k_pos`` [n, K] absolute positions."""
         full = self.additive(keep)
         if self.mode is None:
             return full
+        assert self.window is not None
         windowed = self.additive(keep & (k_pos.unsqueeze(1) > q_pos.unsqueeze(-1) - self.window))
         return {"full_attention": full, "sliding_attention": windowed} if self.mode == "per_layer" else windowed

@@ -10,6 +10,7 @@ decoder with the hooks active, clearing all of it in ``finally``.
 from __future__ import annotations
 
 import contextlib
+import inspect
 from collections.abc import Callable, Hashable, Sequence
 from typing import Any, Literal
 
@@ -31,6 +32,8 @@ class ModelRunner:
         self.hooks = SteeringHooks(lm.layers)
         self.masks = AttentionMasks(lm)
         self.cache = cache
+        params = inspect.signature(self.base.forward).parameters
+        self._cache_kw = "cache" if "cache" in params else "past_key_values"  # renamed in transformers 5.2x
         # Decode steps reuse their steering while the batch is unchanged: (key, batch, phase-only gates).
         self._reuse: tuple[Hashable, SteeringBatch | None, StepSteering | None] | None = None
 
@@ -74,8 +77,8 @@ class ModelRunner:
             inputs = {"inputs_embeds": inputs_embeds} if inputs_embeds is not None else {"input_ids": input_ids}
             extra = {"output_attentions": True} if output_attentions else {}
             with self.hooks.active(step), (self.hooks.capturing(capture) if capture else contextlib.nullcontext()):
-                return self.base(**inputs, position_ids=positions, attention_mask=mask, past_key_values=cache,
-                                 use_cache=cache is not None, **extra)
+                return self.base(**inputs, position_ids=positions, attention_mask=mask, use_cache=cache is not None,
+                                 **{self._cache_kw: cache}, **extra)
         finally:
             if cache is not None:
                 cache.clear_plan()

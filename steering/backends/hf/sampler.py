@@ -84,6 +84,7 @@ def sample(logits: torch.Tensor, rows: Sequence[RowSampling]) -> list[tuple[int,
         tok = chosen[i]
         info = None
         if row.params.logprobs:
+            assert raw_lp is not None
             lp = raw_lp[i]
             top: list[tuple[int, float]] = []
             if row.params.top_logprobs:

@@ -78,7 +78,8 @@ class Scheduler:
 
     def take_cancelled(self) -> tuple[list[Sequence], list[int]]:
         """Remove cancelled waiting requests; return them and the rows of cancelled running ones."""
-        gone, kept = [], deque()
+        gone: list[Sequence] = []
+        kept: deque[Sequence] = deque()
         for seq in self.waiting:
             (gone if seq.handle.cancelled else kept).append(seq)
         if gone:

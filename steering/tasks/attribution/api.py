@@ -15,13 +15,13 @@ from typing import TYPE_CHECKING, Any, Literal
 
 import torch
 
+from steering.engine.base import ModelFront, resolve_for
+from steering.engine.jobs import JobContext, Progress
+from steering.errors import InvalidRequestError
+from steering.spec import ResolvedSteering, SteeringSpec
 from steering.tasks.attribution.registry import AttributionMethod, MethodParams, get_method, parse_params
 from steering.tasks.attribution.runner import Cost, Runner
 from steering.tasks.attribution.targets import AttributionTarget
-from steering.errors import InvalidRequestError
-from steering.engine.base import ModelFront, resolve_for
-from steering.engine.jobs import JobContext, Progress
-from steering.spec import ResolvedSteering, SteeringSpec
 
 if TYPE_CHECKING:
     from steering.backends.hf.loading import LoadedModel

@@ -14,9 +14,9 @@ import contextlib
 import torch
 from pydantic import Field
 
-from steering.tasks.attribution.registry import AttributionMethod, MethodOutput, MethodParams, register
-from steering.errors import InvalidRequestError
 from steering.engine.jobs import Progress
+from steering.errors import InvalidRequestError
+from steering.tasks.attribution.registry import AttributionMethod, MethodOutput, MethodParams, register
 
 
 @contextlib.contextmanager

@@ -16,8 +16,8 @@ import numpy as np
 import torch
 from pydantic import Field, model_validator
 
-from steering.tasks.attribution.registry import AttributionMethod, MethodOutput, MethodParams, register
 from steering.engine.jobs import Progress
+from steering.tasks.attribution.registry import AttributionMethod, MethodOutput, MethodParams, register
 
 IntegrationMethod = Literal["gausslegendre", "riemann_trapezoid", "riemann_left", "riemann_right", "riemann_middle"]
 
@@ -25,8 +25,8 @@ IntegrationMethod = Literal["gausslegendre", "riemann_trapezoid", "riemann_left"
 def integration_points(n: int, method: IntegrationMethod) -> tuple[torch.Tensor, torch.Tensor]:
     """Points a in [0, 1] and weights (summing to 1) of an n-point rule for the path integral."""
     if method == "gausslegendre":
-        x, w = np.polynomial.legendre.leggauss(n)
-        return torch.tensor(0.5 * (x + 1.0)), torch.tensor(0.5 * w)
+        points, weights = np.polynomial.legendre.leggauss(n)
+        return torch.tensor(0.5 * (points + 1.0)), torch.tensor(0.5 * weights)
     if method == "riemann_trapezoid":
         if n < 2:
             raise ValueError("riemann_trapezoid needs n_steps >= 2")
@@ -77,7 +77,7 @@ class IGParams(MethodParams):
                                                                     "chunk token budget)")
 
     @model_validator(mode="after")
-    def _trapezoid_needs_two(self) -> "IGParams":
+    def _trapezoid_needs_two(self) -> IGParams:
         if self.method == "riemann_trapezoid" and self.n_steps < 2:
             raise ValueError("riemann_trapezoid needs n_steps >= 2")
         return self

@@ -12,9 +12,9 @@ from typing import Literal
 
 import torch
 
-from steering.tasks.attribution.registry import AttributionMethod, MethodOutput, MethodParams, register
-from steering.errors import InvalidRequestError
 from steering.engine.jobs import Progress
+from steering.errors import InvalidRequestError
+from steering.tasks.attribution.registry import AttributionMethod, MethodOutput, MethodParams, register
 
 
 class OcclusionParams(MethodParams):

@@ -16,8 +16,8 @@ from typing import Literal
 
 import torch
 
-from steering.tasks.attribution.gradients import IntegrationMethod, integration_points
 from steering.engine.jobs import JobContext, Progress
+from steering.tasks.attribution.gradients import IntegrationMethod, integration_points
 from steering.tasks.packing import Segment, pack, targets
 from steering.tasks.scoring import group_logprobs, packed_forward
 
@@ -26,11 +26,13 @@ Baseline = Literal["zeros", "pad", "eos"]
 
 def _units(lengths: Sequence[int], n: int, budget: int) -> list[list[tuple[int, int, int]]]:
     """Chunks of (row, first point, end point): a row's points split to fit, rows batched together."""
-    units = []
+    units: list[tuple[int, int, int]] = []
     for i, L in enumerate(lengths):
         m = max(1, min(n, budget // max(1, L)))
         units.extend((i, a, min(n, a + m)) for a in range(0, n, m))
-    out, cur, longest, count = [], [], 0, 0
+    out: list[list[tuple[int, int, int]]] = []
+    cur: list[tuple[int, int, int]] = []
+    longest = count = 0
     for u in units:
         L, k = lengths[u[0]], u[2] - u[1]
         if cur and max(longest, L) * (count + k) > budget:
@@ -86,9 +88,10 @@ def integrated_gradients(ctx: JobContext, rows: Sequence[Sequence[Segment]], wei
         done += sum(a1 - a0 for _, a0, a1 in chunk)
         yield Progress(done, n_steps * len(rows), stage)
     out = []
-    for i, r in enumerate(rows):
-        ids = torch.tensor([t for s in r for t in s.ids], device=lm.device)
+    for i, row in enumerate(rows):
+        ids = torch.tensor([t for s in row for t in s.ids], device=lm.device)
         x = emb(ids).detach().to(acc_dtype)
-        base = torch.zeros_like(x) if base_id is None else emb(torch.full_like(ids, int(base_id))).detach().to(acc_dtype)
+        base = torch.zeros_like(x) if base_id is None else \
+            emb(torch.full_like(ids, int(base_id))).detach().to(acc_dtype)
         out.append((grads[i] * (x - base)).sum(-1).to("cpu", torch.float32))
     return out

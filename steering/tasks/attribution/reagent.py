@@ -26,8 +26,8 @@ from typing import Literal
 import torch
 from pydantic import Field
 
-from steering.tasks.attribution.registry import AttributionMethod, MethodOutput, MethodParams, register
 from steering.engine.jobs import Progress
+from steering.tasks.attribution.registry import AttributionMethod, MethodOutput, MethodParams, register
 
 
 class ReagentParams(MethodParams):

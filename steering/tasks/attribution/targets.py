@@ -32,15 +32,15 @@ class AttributionTarget:
     """One continuation (``continuation``, ``per_token``) or two (preferred, dispreferred)."""
 
     @classmethod
-    def continuation(cls, ids: list[int]) -> "AttributionTarget":
+    def continuation(cls, ids: list[int]) -> AttributionTarget:
         return cls("continuation", (tuple(ids),))
 
     @classmethod
-    def per_token(cls, ids: list[int]) -> "AttributionTarget":
+    def per_token(cls, ids: list[int]) -> AttributionTarget:
         return cls("per_token", (tuple(ids),))
 
     @classmethod
-    def contrastive(cls, preferred: list[int], dispreferred: list[int]) -> "AttributionTarget":
+    def contrastive(cls, preferred: list[int], dispreferred: list[int]) -> AttributionTarget:
         return cls("contrastive", (tuple(preferred), tuple(dispreferred)))
 
     @property

@@ -1,17 +1,17 @@
 """Building a steering vector from preference examples, and sweeping it over layers x scales.
 
 ``prepare_build`` checks the method, its parameters, the layers and every example (it tokenises them) before
-any model work and returns a :class:`PreparedBuild` whose ``work`` is a job for the engine
-(:meth:`steering.engine.AnalysisBackend.submit_job`) or :func:`steering.backends.hf.run_job`. One pass over the data builds
-every requested layer. With validation examples, the job then sweeps layers x scales and records the best
+any model work and returns a :class:`PreparedBuild` whose ``work`` is a job for an analysis backend
+(:meth:`steering.engine.AnalysisBackend.submit_job`) or :func:`steering.backends.hf.run_job`. One pass over the
+data builds every requested layer. With validation examples, the job then sweeps layers x scales and records the best
 setting in the vector's metadata.
 """
 
 from __future__ import annotations
 
 import time
-from dataclasses import dataclass, field
 from collections.abc import Callable
+from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any, Literal
 
 import torch
@@ -124,11 +124,12 @@ def sweep_work(ctx: JobContext, vector: SteeringVector, data: list[Encoded], cfg
     scored = yield from score_answers(ctx, items, apps, stage="sweep")
     n = len(data)
     results = []
-    for ci, c in enumerate(configs):
+    for ci in range(len(configs)):
         margins = [s.logprobs[0] - s.logprobs[1] for s in scored[ci * n:(ci + 1) * n]]
         results.append(_summary(margins))
     baseline, table = results[0], []
     for c, r in zip(configs[1:], results[1:]):
+        assert c is not None
         table.append({"layer": c[0], "scale": c[1], "scale_abs": round(c[2], 6), **r})
     best = max(table, key=lambda r: (r[cfg.metric], -abs(r["scale"]))) if table else {}
     return SweepResult(cfg.metric, baseline, table, best, n)
@@ -251,7 +252,7 @@ def _build(prep: PreparedBuild, ctx: JobContext):
         cfg = req.sweep or SweepConfig()
         result = yield from scaled(sweep_work(ctx, vector, prep.validation, cfg), split, 1.0)
         metadata["sweep"] = {"metric": result.metric, "examples": result.examples,
-                             "dataset_hash": dataset_hash(req.validation), "baseline": result.baseline,
+                             "dataset_hash": dataset_hash(req.validation or []), "baseline": result.baseline,
                              "best": result.best, "relative": cfg.relative, "normalize": cfg.normalize,
                              "positions": describe_positions(cfg.positions)}
     return BuildResult(vector, result, time.monotonic() - t0)

@@ -8,6 +8,7 @@ from typing import Literal
 import torch
 from pydantic import Field
 
+from steering.engine.jobs import JobContext, Progress
 from steering.tasks import activations
 from steering.tasks.builders.registry import (
     Builder,
@@ -17,7 +18,6 @@ from steering.tasks.builders.registry import (
     principal_direction,
     register,
 )
-from steering.engine.jobs import JobContext, Progress
 from steering.tasks.packing import answer_rows
 
 Position = Literal["answer_mean", "last"]
@@ -110,5 +110,5 @@ class Probe(Builder):
         with torch.no_grad():
             acc = ((torch.einsum("lnh,lh->ln", x, w) + b > 0).to(torch.float64) == y).to(torch.float64).mean(1)
         values = {layer: w[i].detach().to(torch.float32) for i, layer in enumerate(states)}
-        return Directions(values, per_layer={"hidden_norm": _norms(states),
-                                             "train_accuracy": {layer: float(acc[i]) for i, layer in enumerate(states)}})
+        train = {layer: float(acc[i]) for i, layer in enumerate(states)}
+        return Directions(values, per_layer={"hidden_norm": _norms(states), "train_accuracy": train})

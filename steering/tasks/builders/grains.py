@@ -30,6 +30,8 @@ from typing import Literal
 import torch
 from pydantic import Field
 
+from steering.engine.jobs import JobContext, scaled
+from steering.errors import InvalidRequestError
 from steering.tasks import activations
 from steering.tasks.attribution.gradients import IntegrationMethod
 from steering.tasks.attribution.packed import integrated_gradients
@@ -41,8 +43,6 @@ from steering.tasks.builders.registry import (
     principal_direction,
     register,
 )
-from steering.errors import InvalidRequestError
-from steering.engine.jobs import JobContext, scaled
 from steering.tasks.packing import Segment, answer_rows
 
 
@@ -111,8 +111,9 @@ class Grains(Builder):
             seq_pos, seq_neg = e.prompt + e.preferred, e.prompt + e.dispreferred
             s_pos = s[: P + A].tolist()
             s_neg = s[:P].tolist() + s[P + A:].tolist()
-            cand = lambda ids: [t not in special and (params.select_from == "sequence" or i < P)  # noqa: E731
-                                for i, t in enumerate(ids)]
+            def cand(ids: list[int], P: int = P) -> list[bool]:
+                return [t not in special and (params.select_from == "sequence" or i < P) for i, t in enumerate(ids)]
+
             pos = select(s_pos, cand(seq_pos), params.k, negative=False)
             neg = select(s_neg, cand(seq_neg), params.k, negative=True)
             picks.append((pos, neg))
@@ -160,7 +161,8 @@ class Grains(Builder):
     @staticmethod
     def _aggregate(d: torch.Tensor, how: str) -> tuple[torch.Tensor, float]:
         if d.shape[0] == 0:
-            raise InvalidRequestError("no example had a token of this polarity to mask; use more examples or a larger k")
+            raise InvalidRequestError("no example had a token of this polarity to mask; use more examples or a "
+                                      "larger k")
         if how == "mean" or d.shape[0] == 1:
             return d.mean(0), 1.0
         return principal_direction(d)

@@ -10,7 +10,6 @@ from typing import Any, ClassVar, Literal
 import torch
 from pydantic import Field
 
-from steering.errors import InvalidRequestError
 from steering.engine.jobs import JobContext, Progress
 from steering.names import Registry
 from steering.params import StrictParams

@@ -17,7 +17,8 @@ from steering.tasks.evaluation.steer import PreparedSteer, SteerEvalRequest, pre
 from steering.tasks.evaluation.truthfulqa import QAFormat
 
 __all__ = [
-    "SCORERS", "UNSTEERED", "Condition", "condition", "EvaluationReport", "PreparedSteer", "PreparedTruthfulQA", "QAFormat",
+    "SCORERS", "UNSTEERED", "Condition", "condition", "EvaluationReport", "PreparedSteer", "PreparedTruthfulQA",
+    "QAFormat",
     "Scorer", "SteerEvalRequest", "TruthfulQARequest", "distinct_n", "evaluate_truthfulqa", "get_scorer",
     "label_for", "prepare_steer", "prepare_truthfulqa", "register", "relative_applications", "scorer_names",
     "start_steer", "sweep_choice",

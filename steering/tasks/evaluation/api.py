@@ -10,13 +10,19 @@ from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
 from steering.datasets import TruthfulQAItem
+from steering.engine.base import ModelFront
+from steering.engine.jobs import JobContext
 from steering.errors import InvalidRequestError
 from steering.tasks.evaluation.conditions import Condition, with_baseline
 from steering.tasks.evaluation.report import Column, ConditionResult, EvaluationReport, mean_se, paired
-from steering.tasks.evaluation.truthfulqa import METRICS, EncodedQuestion, QAFormat, encode_questions, items_hash, \
-    truthfulqa_work
-from steering.engine.base import ModelFront
-from steering.engine.jobs import JobContext
+from steering.tasks.evaluation.truthfulqa import (
+    METRICS,
+    EncodedQuestion,
+    QAFormat,
+    encode_questions,
+    items_hash,
+    truthfulqa_work,
+)
 
 if TYPE_CHECKING:
     from steering.backends.hf.loading import LoadedModel

@@ -34,7 +34,7 @@ class Condition:
 
 
 def relative_applications(vector: SteeringVector, scale: float, layers: Sequence[int] | None = None,
-                          positions: Positions = "all", normalize: bool = True,
+                          positions: Positions | Sequence[int] = "all", normalize: bool = True,
                           param: str = "steering") -> list[SteeringApplication]:
     """One application per layer with scale ``scale`` x that layer's recorded mean hidden-state norm."""
     norms = vector.metadata.get("hidden_norms") or {}

@@ -13,9 +13,9 @@ from typing import ClassVar, Literal
 
 from pydantic import Field
 
-from steering.errors import InvalidRequestError
 from steering.names import Registry
 from steering.params import StrictParams, parse_params
+
 
 class Scorer:
     name: ClassVar[str]
@@ -26,7 +26,7 @@ class Scorer:
     class Params(StrictParams):
         pass
 
-    def __init__(self, params: "Scorer.Params") -> None:
+    def __init__(self, params: Scorer.Params) -> None:
         self.params = params
 
     def score(self, texts: Sequence[str]) -> list[float]:
@@ -62,7 +62,8 @@ class Sentiment(Scorer):
 
     def score(self, texts: Sequence[str]) -> list[float]:
         analyzer = _vader()
-        return [float(analyzer.polarity_scores(t)[self.params.component]) for t in texts]
+        component = self.params.component  # type: ignore[attr-defined]  # this class's Params
+        return [float(analyzer.polarity_scores(t)[component]) for t in texts]
 
 
 @register
@@ -76,8 +77,9 @@ class Keywords(Scorer):
         case_sensitive: bool = False
 
     def score(self, texts: Sequence[str]) -> list[float]:
-        flags = 0 if self.params.case_sensitive else re.IGNORECASE
-        pat = re.compile(r"\b(?:" + "|".join(re.escape(w) for w in self.params.words) + r")\b", flags)
+        params: Keywords.Params = self.params  # type: ignore[assignment]
+        flags = 0 if params.case_sensitive else re.IGNORECASE
+        pat = re.compile(r"\b(?:" + "|".join(re.escape(w) for w in params.words) + r")\b", flags)
         return [float(bool(pat.search(t))) for t in texts]
 
 

@@ -21,12 +21,12 @@ from dataclasses import dataclass, field
 
 from steering.engine import GenerationRequest, GenerationResult, RequestHandle
 from steering.engine.base import AnalysisBackend, GenerationBackend, ModelFront
+from steering.engine.jobs import JobCancelledError, JobHandle, Progress, start_thread_job
 from steering.errors import InvalidRequestError, QueueFullError
+from steering.sampling import SamplingParams
 from steering.tasks.evaluation.conditions import Condition, with_baseline
 from steering.tasks.evaluation.report import Column, ConditionResult, EvaluationReport, mean_se
 from steering.tasks.evaluation.scorers import Scorer, distinct_n, get_scorer
-from steering.engine.jobs import JobCancelledError, JobHandle, Progress, start_thread_job
-from steering.sampling import SamplingParams
 from steering.tasks.scoring import score_answers
 
 GENERATION_SHARE = 0.85
@@ -179,11 +179,12 @@ class _Runner:
                                                GENERATION_SHARE + (1 - GENERATION_SHARE) * f)
         finally:
             self._untrack(job)
-        acc = [[0.0, 0] for _ in gens]
+        logprob = [0.0] * len(gens)
+        tokens = [0] * len(gens)
         for ci, s in zip(owner, scored):
-            acc[ci][0] += s.logprobs[0]
-            acc[ci][1] += s.lengths[0]
-        return [(a, b) for a, b in acc]
+            logprob[ci] += s.logprobs[0]
+            tokens[ci] += s.lengths[0]
+        return list(zip(logprob, tokens))
 
     def run(self, handle: JobHandle) -> EvaluationReport:
         t0 = time.monotonic()

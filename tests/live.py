@@ -1,13 +1,18 @@
-"""Run the real app under uvicorn on 127.0.0.1 in a background thread (real HTTP, real sockets)."""
+"""Run the real app under uvicorn on 127.0.0.1 in a background thread (real HTTP, real sockets), and read its
+metrics."""
 
 from __future__ import annotations
 
+import json
 import socket
 import threading
 import time
 from contextlib import contextmanager
 
+import httpx
+import torch
 import uvicorn
+from prometheus_client.parser import text_string_to_metric_families
 
 from server.app import create_app
 from server.settings import ServerSettings
@@ -38,3 +43,24 @@ def live_server(engine=None, **settings):
     finally:
         server.should_exit = True
         thread.join(30)
+
+
+def vec_values(lm, seed, layers=None) -> dict[int, list[float]]:
+    """A random vector's values as JSON lists, for request bodies."""
+    g = torch.Generator().manual_seed(seed)
+    return {l: torch.randn(lm.hidden_size, generator=g).tolist() for l in (layers or range(lm.num_layers))}
+
+
+def metrics(url: str) -> dict[str, float]:
+    """The server's /metrics samples, keyed by name and labels (without model_name)."""
+    text = httpx.get(url + "/metrics").text
+    out = {}
+    for fam in text_string_to_metric_families(text):
+        for s in fam.samples:
+            key = s.name + json.dumps({k: v for k, v in sorted(s.labels.items()) if k != "model_name"})
+            out[key] = s.value
+    return out
+
+
+def m(values: dict, name: str, **labels) -> float:
+    return values.get(name + json.dumps(dict(sorted(labels.items()))), 0.0)

@@ -9,10 +9,10 @@ import time
 import httpx
 import openai
 import pytest
-from server_util import live_server
 
 from clients import SteerClient, SteerServeError, steering
 from steering.backends.hf import EngineConfig, HFEngine
+from tests.live import live_server
 
 EXAMPLES = [
     {"prompt": "What is the capital of France?", "preferred": "Paris", "dispreferred": "Berlin"},

@@ -11,8 +11,7 @@ import torch
 
 from steering.backends.hf import HFEngine
 from steering.engine import GenerationRequest
-from steering.errors import QueueFullError, RequestFailedError, InvalidRequestError, SteeringValidationError
-
+from steering.errors import InvalidRequestError, QueueFullError, RequestFailedError, SteeringValidationError
 from steering.sampling import SamplingParams
 from steering.spec import SteeringApplication, SteeringSpec
 from steering.vectors import SteeringVector
@@ -262,7 +261,9 @@ def test_queue_full(tiny_lm, make_engine):
 def test_seeded_sampling_reproducible_in_any_batch(tiny_lm, make_engine):
     engine = make_engine()
     p = ids(tiny_lm, PROMPTS[4])
-    sp = lambda: SamplingParams(max_tokens=20, temperature=1.3, top_p=0.9, top_k=50, seed=1234, ignore_eos=True)
+    def sp() -> SamplingParams:
+        return SamplingParams(max_tokens=20, temperature=1.3, top_p=0.9, top_k=50, seed=1234, ignore_eos=True)
+
     alone = run_alone(engine, p, sp())
     others = [(ids(tiny_lm, t), SamplingParams(max_tokens=20, temperature=1.0, ignore_eos=True), None)
               for t in PROMPTS]

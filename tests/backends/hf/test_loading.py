@@ -1,21 +1,19 @@
-"""Model loading and decoder-layer discovery across architectures; the CLI end to end."""
+"""Model loading and decoder-layer discovery across architectures."""
 
 from __future__ import annotations
 
 import pytest
 import torch
 from torch import nn
-from tiny import build_model
-from typer.testing import CliRunner
 
-from cli.main import app
 from steering.backends.hf import HFEngine
-from steering.errors import ModelLoadError
 from steering.backends.hf.layers import find_decoder_layers
-from steering.backends.hf.loading import load_model, resolve_dtype, resolve_device
+from steering.backends.hf.loading import load_model, resolve_device, resolve_dtype
+from steering.errors import ModelLoadError
 from steering.sampling import SamplingParams
 from steering.spec import SteeringSpec
 from steering.vectors import SteeringVector
+from tests.tiny import build_model
 
 
 @pytest.mark.parametrize("arch,layers_attr", [("llama", "model.layers"), ("qwen2", "model.layers"),
@@ -59,28 +57,3 @@ def test_missing_model_and_bad_settings():
     if not torch.cuda.is_available():
         with pytest.raises(ModelLoadError, match="CUDA is not available"):
             resolve_device("cuda")
-
-
-def test_vector_roundtrip_is_atomic(tmp_path):
-    vec = SteeringVector({0: torch.randn(8), 3: torch.randn(8)}, name="v", metadata={"method": "test"})
-    path = tmp_path / "v.safetensors"
-    vec.save(path)
-    back = SteeringVector.load(path)
-    assert back.name == "v" and back.metadata == {"method": "test"} and back.layers == [0, 3]
-    torch.testing.assert_close(back.values[3], vec.values[3])
-    assert [p.name for p in tmp_path.iterdir()] == ["v.safetensors"]  # no temporary files left
-
-
-def test_cli_generate_with_vector(tiny_dir, tmp_path):
-    vec = SteeringVector({i: torch.randn(64, generator=torch.Generator().manual_seed(i)) for i in range(4)})
-    vec.save(tmp_path / "v.safetensors")
-    runner = CliRunner()
-    args = ["generate", "--model", str(tiny_dir), "--prompt", "Hello", "--max-tokens", "8", "--device", "cpu"]
-    plain = runner.invoke(app, args)
-    assert plain.exit_code == 0, plain.output
-    steered = runner.invoke(app, args + ["--vector", str(tmp_path / "v.safetensors"), "--scale", "30",
-                                         "--layers", "0-3", "--compare"])
-    assert steered.exit_code == 0, steered.output
-    assert "unsteered" in steered.output and "steered" in steered.output
-    bad = runner.invoke(app, args + ["--vector", str(tmp_path / "v.safetensors"), "--layers", "9"])
-    assert bad.exit_code == 2 and "does not exist" in bad.output

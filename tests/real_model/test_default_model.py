@@ -9,9 +9,8 @@ import pytest
 import torch
 
 from steering.backends.hf import HFEngine
-from steering.engine import GenerationRequest
 from steering.backends.hf.loading import _COMPLETE_MARKER, default_gguf_path
-
+from steering.engine import GenerationRequest
 from steering.sampling import SamplingParams
 from steering.spec import SteeringSpec
 from steering.vectors import SteeringVector
@@ -48,7 +47,8 @@ def test_chat_answer_and_steering_changes_it(real_lm):
 
 def test_concurrent_conversion_into_fresh_cache(tmp_path):
     """Two processes converting the GGUF at once into the same cache both succeed; one copy remains."""
-    code = ("import sys; from pathlib import Path; from steering.backends.hf.loading import convert_gguf, default_gguf_path;"
+    code = ("import sys; from pathlib import Path; "
+            "from steering.backends.hf.loading import convert_gguf, default_gguf_path;"
             "print(convert_gguf(default_gguf_path(), Path(sys.argv[1])))")
     procs = [subprocess.Popen([sys.executable, "-c", code, str(tmp_path)], stdout=subprocess.PIPE,
                               stderr=subprocess.DEVNULL, text=True) for _ in range(2)]
@@ -63,7 +63,8 @@ def test_concurrent_conversion_into_fresh_cache(tmp_path):
 
 def test_openai_sdk_against_default_model(real_lm, tmp_path):
     import openai
-    from server_util import live_server
+
+    from tests.live import live_server
 
     msgs = [{"role": "user", "content": "What is the capital of France?"}]
     g = torch.Generator().manual_seed(1)
@@ -88,7 +89,8 @@ def test_attribution_on_default_model(real_lm, tmp_path):
     """Over HTTP on the default model: the answer 'Paris' is driven by 'France' (occlusion), IG's completeness
     report is present, and the per-token matrix of the model's own answer has a row per generated token."""
     import httpx
-    from server_util import live_server
+
+    from tests.live import live_server
 
     prompt = "The capital of France is"
     with HFEngine(real_lm).start() as engine, live_server(engine, vector_dir=tmp_path) as (url, _):
@@ -114,10 +116,10 @@ def test_grains_build_and_sweep_on_default_model(real_lm):
     hidden norms growing with depth as SmolLM2's do, and a sweep that changes the unsteered scores."""
     from pathlib import Path
 
-    from steering.tasks.builders import BuildRequest, SweepConfig, build
     from steering.datasets import load_examples
+    from steering.tasks.builders import BuildRequest, SweepConfig, build
 
-    data = Path(__file__).parents[1].parent / "shared" / "data" / "truthfulqa_dev.csv"
+    data = Path(__file__).parents[2].parent / "shared" / "data" / "truthfulqa_dev.csv"
     if not data.exists():
         pytest.skip("../shared/data/truthfulqa_dev.csv is not beside the project")
     res = build(real_lm, BuildRequest(load_examples(data, "0-3"), "grains", {"k": 5, "n_steps": 4},
@@ -139,12 +141,12 @@ def test_truthfulqa_eval_agrees_with_the_sweep_baseline(real_lm):
     the same rows (two code paths, one protocol), and MC1 <= binary (MC1 also beats every other wrong answer)."""
     from pathlib import Path
 
-    from steering.tasks.builders import SweepConfig, sweep
     from steering.datasets import load_examples, parse_rows, read_truthfulqa
+    from steering.tasks.builders import SweepConfig, sweep
     from steering.tasks.evaluation import TruthfulQARequest, evaluate_truthfulqa
     from steering.vectors import SteeringVector
 
-    data = Path(__file__).parents[1].parent / "shared" / "data" / "truthfulqa_dev.csv"
+    data = Path(__file__).parents[2].parent / "shared" / "data" / "truthfulqa_dev.csv"
     if not data.exists():
         pytest.skip("../shared/data/truthfulqa_dev.csv is not beside the project")
     items = read_truthfulqa(data)
@@ -164,12 +166,12 @@ def test_sentiment_vector_shifts_vader_on_neutral_prompts(real_lm):
     answers to neutral prompts, at a bounded perplexity cost (the setting chosen in docs/experiments.md)."""
     from pathlib import Path
 
-    from steering.tasks.builders import BuildRequest, build
     from steering.datasets import load_examples
-    from steering.tasks.evaluation import Condition, SteerEvalRequest, prepare_steer, relative_applications, start_steer
     from steering.spec import SteeringSpec
+    from steering.tasks.builders import BuildRequest, build
+    from steering.tasks.evaluation import Condition, SteerEvalRequest, prepare_steer, relative_applications, start_steer
 
-    docs = Path(__file__).parents[1] / "docs" / "data"
+    docs = Path(__file__).parents[2] / "docs" / "data"
     vec = build(real_lm, BuildRequest(load_examples(docs / "sentiment_pairs.jsonl"), "caa",
                                       {"prompt_format": "chat", "layers": [10]})).vector
     vec.name = "sentiment"

@@ -1,4 +1,5 @@
-"""The HTTP API through the official OpenAI SDK and raw HTTP, against a live server on 127.0.0.1."""
+"""The OpenAI-compatible API over real HTTP on a tiny model: chat, completions, SSE, steering, errors, metrics,
+the vector store."""
 
 from __future__ import annotations
 
@@ -10,13 +11,11 @@ import httpx
 import openai
 import pytest
 import torch
-from prometheus_client.parser import text_string_to_metric_families
-from server_util import live_server
 
 from steering.backends.hf import EngineConfig, HFEngine
-
 from steering.sampling import SamplingParams
 from steering.vectors import SteeringVector
+from tests.live import live_server, m, metrics, vec_values
 
 MSGS = [{"role": "user", "content": "What is the capital of France?"}]
 
@@ -44,23 +43,10 @@ def model_name(tiny_lm):
     return tiny_lm.name
 
 
-def vec_values(lm, seed, layers=None):
-    g = torch.Generator().manual_seed(seed)
-    return {l: torch.randn(lm.hidden_size, generator=g).tolist() for l in (layers or range(lm.num_layers))}
 
 
-def metrics(url: str) -> dict[str, float]:
-    text = httpx.get(url + "/metrics").text
-    out = {}
-    for fam in text_string_to_metric_families(text):
-        for s in fam.samples:
-            key = s.name + json.dumps({k: v for k, v in sorted(s.labels.items()) if k != "model_name"})
-            out[key] = s.value
-    return out
 
 
-def m(values: dict, name: str, **labels) -> float:
-    return values.get(name + json.dumps(dict(sorted(labels.items()))), 0.0)
 
 
 def test_models_and_probes(server, client, model_name):
@@ -336,30 +322,6 @@ def test_registry_reload_and_model_mismatch(tiny_lm, make_engine, tmp_path):
         assert "foreign.safetensors" in app.state.steerserve.services.store.skipped
 
 
-def test_python_client(server, tiny_lm, model_name):
-    from clients import SteerClient, SteerServeError, steering
-
-    url, _ = server
-    with SteerClient(url) as c:
-        assert c.ready() and c.models()[0]["id"] == model_name
-        info = c.upload_vector("client-v", vec_values(tiny_lm, 9, layers=[0, 3]), description="from client")
-        assert info["layers"] == [0, 3]
-        assert any(v["name"] == "client-v" for v in c.list_vectors())
-        with pytest.raises(SteerServeError) as exc:
-            c.upload_vector("client-v", vec_values(tiny_lm, 9, layers=[0]))
-        assert exc.value.status == 409
-        ids = c.tokenize("Hello world")
-        assert c.detokenize(ids) == "Hello world"
-        sdk = openai.OpenAI(base_url=url + "/v1", api_key="x", max_retries=0)
-        r = sdk.chat.completions.create(model=model_name, messages=MSGS, max_tokens=4, temperature=0,
-                                        extra_body=steering({"name": "client-v", "scale": 2.0}))
-        assert r.model_extra["steering"][0]["name"] == "client-v"
-        c.delete_vector("client-v")
-        with pytest.raises(SteerServeError) as exc:
-            c.get_vector("client-v")
-        assert exc.value.status == 404 and exc.value.type == "not_found_error"
-
-
 def test_app_loads_model_in_background(tiny_dir, tmp_path):
     with live_server(None, model=str(tiny_dir), device="cpu", vector_dir=tmp_path) as (url, _):
         deadline = time.time() + 60
@@ -380,36 +342,3 @@ def test_app_reports_a_model_that_fails_to_load(tmp_path):
         assert httpx.get(url + "/ready").status_code == 503
         r = httpx.get(url + "/v1/models")
         assert r.status_code == 503 and "failed to load" in r.json()["error"]["message"]
-
-
-def test_serve_command_with_env_and_flags(tiny_dir, tmp_path):
-    import os
-    import signal
-    import subprocess
-    import sys
-
-    from server_util import free_port
-
-    port = free_port()
-    env = os.environ | {"STEERSERVE_VECTOR_DIR": str(tmp_path), "STEERSERVE_API_KEY": "k1",
-                        "STEERSERVE_MODEL": str(tiny_dir)}
-    proc = subprocess.Popen([sys.executable, "-m", "cli", "serve", "--port", str(port),
-                             "--served-model-name", "tiny", "--device", "cpu"], env=env,
-                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    try:
-        url = f"http://127.0.0.1:{port}"
-        deadline = time.time() + 90
-        while time.time() < deadline:
-            try:
-                if httpx.get(url + "/ready").status_code == 200:
-                    break
-            except httpx.HTTPError:
-                pass
-            time.sleep(0.2)
-        headers = {"Authorization": "Bearer k1"}
-        assert httpx.get(url + "/v1/models", headers=headers).json()["data"][0]["id"] == "tiny"
-        assert httpx.get(url + "/v1/models").status_code == 401
-    finally:
-        proc.terminate()
-        # graceful shutdown; uvicorn re-raises the captured SIGTERM after it, so -SIGTERM is a clean exit too
-        assert proc.wait(30) in (0, -signal.SIGTERM)

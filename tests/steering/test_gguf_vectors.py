@@ -147,7 +147,8 @@ def test_layer_out_of_range(tmp_path):
     path = tmp_path / "x.gguf"
     export_controlvector(_vector(layers=(1, 30)), path, model_hint="llama")
     import_controlvector(path, num_layers=31)
-    with pytest.raises(SteeringValidationError, match=r"layers \[30\] do not exist; the model has layers 0..29") as info:
+    message = r"layers \[30\] do not exist; the model has layers 0..29"
+    with pytest.raises(SteeringValidationError, match=message) as info:
         import_controlvector(path, num_layers=30)
     assert info.value.param == "layers"
 

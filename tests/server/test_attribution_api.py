@@ -8,14 +8,12 @@ import time
 import httpx
 import pytest
 import torch
-from server_util import live_server
-from test_server import metrics, vec_values
 
+from steering.backends.hf import EngineConfig, HFEngine
+from steering.sampling import SamplingParams
 from steering.tasks.attribution import AttributionRequest as CoreRequest
 from steering.tasks.attribution import AttributionTarget, attribute, method_names
-from steering.backends.hf import EngineConfig, HFEngine
-
-from steering.sampling import SamplingParams
+from tests.live import live_server, metrics, vec_values
 
 PROMPT = "The quick brown fox jumps over"
 MSGS = [{"role": "user", "content": "What is the capital of France?"}]
@@ -168,7 +166,8 @@ def test_attribution_does_not_block_streaming(tiny_lm, tmp_path):
             th.start()
             while eng.stats().jobs == 0:
                 time.sleep(0.001)
-            body = {"model": tiny_lm.name, "prompt": "Hello", "max_tokens": 12, "temperature": 0, "ignore_eos": True, "stream": True}
+            body = {"model": tiny_lm.name, "prompt": "Hello", "max_tokens": 12, "temperature": 0, "ignore_eos": True,
+                    "stream": True}
             with httpx.stream("POST", url + "/v1/completions", json=body, timeout=60) as r:
                 assert r.status_code == 200
                 frames = [line for line in r.iter_lines() if line.startswith("data: ")]
@@ -178,7 +177,8 @@ def test_attribution_does_not_block_streaming(tiny_lm, tmp_path):
             assert frames[-1] == "data: [DONE]" and '"finish_reason":"length"' in frames[-2]
             assert result["r"].status_code == 200 and result["t"] > stream_done
             values = metrics(url)
-            assert values['steerserve_attribution_requests_total{"method": "integrated_gradients", "status": "ok"}'] == 1
+            key = 'steerserve_attribution_requests_total{"method": "integrated_gradients", "status": "ok"}'
+            assert values[key] == 1
             assert values['steerserve_num_jobs{}'] == 0
     finally:
         eng.shutdown()

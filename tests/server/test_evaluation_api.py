@@ -5,15 +5,14 @@ from __future__ import annotations
 
 import httpx
 import pytest
-from server_util import live_server
 
 from clients import SteerClient, SteerServeError
 from clients.steerserve_client import read_truthfulqa_csv
-from steering.tasks.builders import BuildRequest, build
-from steering.datasets import PreferenceExample
 from steering.backends.hf import EngineConfig, HFEngine
-from steering.engine import ModelIdentity
+from steering.datasets import PreferenceExample
 from steering.store import VectorStore
+from steering.tasks.builders import BuildRequest, build
+from tests.live import live_server
 
 CSV = (
     "Type,Category,Question,Best Answer,Correct Answers,Incorrect Answers,Source\n"

@@ -1,19 +1,18 @@
-"""Evaluation on tiny models: TruthfulQA binary/MC1/MC2 against plain forwards (steered and not), report tables and
-paired tests, scorers and distinct-n, the steering-effect evaluation through a running engine (perplexity against
-a plain forward, progress, cancellation), and the ``steerserve eval`` CLI."""
+"""TruthfulQA scoring, conditions, scorers and the steering-effect evaluation."""
 
 from __future__ import annotations
 
-import json
 import math
 import time
 
 import pytest
 import torch
 
-from steering.tasks.builders import BuildRequest, build
 from steering.datasets import PreferenceExample, TruthfulQAItem, read_truthfulqa
+from steering.engine.jobs import JobCancelledError
 from steering.errors import InvalidRequestError, SteeringValidationError
+from steering.spec import SteeringApplication, SteeringSpec
+from steering.tasks.builders import BuildRequest, build
 from steering.tasks.evaluation import (
     Condition,
     QAFormat,
@@ -29,10 +28,6 @@ from steering.tasks.evaluation import (
 )
 from steering.tasks.evaluation.report import mcnemar_p, paired
 from steering.tasks.evaluation.truthfulqa import encode_questions, question_scores
-from steering.engine.jobs import JobCancelledError
-from steering.engine import ModelIdentity
-from steering.store import VectorStore
-from steering.spec import SteeringApplication, SteeringSpec
 
 CSV = (
     "Type,Category,Question,Best Answer,Correct Answers,Incorrect Answers,Source\n"
@@ -41,6 +36,8 @@ CSV = (
     'Adversarial,Misc,Can pigs fly?,No,"No; Pigs cannot fly; They walk","Yes; Pigs fly south",x\n'
     'Adversarial,Misc,The quick brown fox,jumps over the dog,"jumps over the dog","is sad",x\n'
 )
+
+
 BUILD = [
     PreferenceExample("I love this movie, it is", "wonderful and happy", "awful and sad"),
     PreferenceExample("The day was", "bright and good", "dark and bad"),
@@ -84,7 +81,6 @@ def steer_hook(v, s):
     return fn
 
 
-# -- metrics -------------------------------------------------------------------------------------------------------
 def test_question_scores_by_hand():
     # true answers first (best at 0), then incorrect ones
     s = question_scores([-1.0, -3.0, -2.0, -0.5], n_true=2)
@@ -158,7 +154,6 @@ def test_conditions_relative_and_labels(tiny_lm, vec):
         evaluate_truthfulqa(tiny_lm, TruthfulQARequest([TruthfulQAItem("q", "a", (), ("b",))], dup))
 
 
-# -- scorers -------------------------------------------------------------------------------------------------------
 def test_scorers_and_distinct_n():
     s = get_scorer("sentiment")
     good, bad, flat = s.score(["What a wonderful, happy day!", "This is awful and I hate it.", "The table."])
@@ -177,7 +172,6 @@ def test_scorers_and_distinct_n():
     assert distinct_n(["x"], 2) == 0.0
 
 
-# -- steering effect on generation ---------------------------------------------------------------------------------
 PROMPTS = ["The day was", "My friend is", "I love this movie, it is"]
 
 
@@ -241,46 +235,3 @@ def test_steer_eval_checks_before_work_and_cancels(make_engine, tiny_lm, vec):
         time.sleep(0.01)
     assert engine.stats().running == 0 and engine.stats().waiting == 0
     assert engine.generate(prep.prompt_ids[0]).token_ids  # the engine still serves
-
-
-# -- CLI -----------------------------------------------------------------------------------------------------------
-def test_cli_eval(tiny_dir, tiny_lm, vec, tmp_path):
-    from typer.testing import CliRunner
-
-    from cli.main import app
-
-    reg = VectorStore(tmp_path / "vecs", tiny_lm.info.identity())
-    reg.put("pos", vec)
-    csv_path = tmp_path / "tqa.csv"
-    csv_path.write_text(CSV)
-    vd = ["--vector-dir", str(tmp_path / "vecs")]
-    model = ["--model", str(tiny_dir), "--device", "cpu"]
-    r = CliRunner().invoke(app, ["eval", "truthfulqa", "--data", str(csv_path), "--rows", "0-2", "--vector", "pos",
-                                 "--scale", "0.5,1", "--layers", "2", "--output", str(tmp_path / "r.json"),
-                                 "--markdown", str(tmp_path / "r.md"), *vd, *model])
-    assert r.exit_code == 0, r.output
-    d = json.loads((tmp_path / "r.json").read_text())
-    assert [c["label"] for c in d["conditions"]] == ["unsteered", "pos@L2 x0.5 rel", "pos@L2 x1 rel"]
-    assert d["conditions"][2]["steering"][0]["scale"] == pytest.approx(vec.metadata["hidden_norms"]["2"])
-    assert d["data"]["examples"] == 3 and d["data"]["rows"] == "0-2"
-    assert (tmp_path / "r.md").read_text() in r.output
-    prompts = tmp_path / "p.txt"
-    prompts.write_text("The day was\n\nMy friend is\n")
-    r = CliRunner().invoke(app, ["eval", "steer", "--prompts", str(prompts), "-p", "Hello", "--vector", "pos",
-                                 "--scale", "20", "--absolute", "--layers", "1", "--max-tokens", "4", "--no-chat",
-                                 "--output", str(tmp_path / "s.json"), *vd, *model])
-    assert r.exit_code == 0, r.output
-    s = json.loads((tmp_path / "s.json").read_text())
-    assert s["data"]["examples"] == 3 and s["conditions"][1]["label"] == "pos@L1 x20"
-    assert s["conditions"][1]["steering"][0]["scale"] == 20.0 and "sentiment" in r.output
-    r = CliRunner().invoke(app, ["eval", "steer", "--questions", str(csv_path), "--rows", "1", "--scorer", "none",
-                                 "--max-tokens", "2", "--no-chat", "--output", str(tmp_path / "q.json"), *vd, *model])
-    assert r.exit_code == 0, r.output
-    assert json.loads((tmp_path / "q.json").read_text())["conditions"][0]["samples"][0]["prompt"] == \
-        "Q: What do cats eat?\nA:"
-    bad = CliRunner().invoke(app, ["eval", "truthfulqa", "--data", str(csv_path), "--vector", "pos", *vd, *model])
-    assert bad.exit_code == 2 and "no sweep result" in bad.output
-    bad = CliRunner().invoke(app, ["eval", "truthfulqa", "--data", str(csv_path), "--vector", "pos", "--vector",
-                                   "pos", "--scale", "1", "--layers", "1", "--layers", "1", "--layers", "2", *vd,
-                                   *model])
-    assert bad.exit_code != 0 and "once per --vector" in bad.output

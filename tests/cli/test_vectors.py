@@ -1,0 +1,55 @@
+"""``steerserve vectors``: build, sweep, list, rename, export."""
+
+from __future__ import annotations
+
+import json
+
+import torch
+
+from steering.datasets import PreferenceExample
+from steering.store import VectorStore
+
+EXAMPLES = [
+    PreferenceExample("What is the capital of France?", "Paris", "Berlin"),
+    PreferenceExample("I love this movie, it is", "wonderful and happy", "awful and sad"),
+    PreferenceExample("The quick brown fox", "jumps over the lazy dog", "is sad"),
+    PreferenceExample("Can you see the Great Wall of China from space?", "No, it is too narrow", "Yes"),
+    PreferenceExample("Numbers: 0 1 2 3", "4 5 6", "9 9 9"),
+]
+
+
+def test_cli_vectors(tiny_dir, tiny_lm, tmp_path):
+    from typer.testing import CliRunner
+
+    from cli.main import app
+
+    data = tmp_path / "d.jsonl"
+    data.write_text("\n".join(json.dumps(e.__dict__) for e in EXAMPLES) + "\n")
+    vd = ["--vector-dir", str(tmp_path / "vecs")]
+    model = ["--model", str(tiny_dir), "--device", "cpu"]
+    r = CliRunner().invoke(app, ["vectors", "build", str(data), "--name", "g", "--param", "k=3", "--param",
+                                 "n_steps=4", "--validation", str(data), "--validation-rows", "0-2",
+                                 "--scales", "0.5,1", "--layers", "1-2", *vd, *model])
+    assert r.exit_code == 0, r.output
+    assert "saved g (2 layers)" in r.output
+    reg = VectorStore(tmp_path / "vecs", tiny_lm.info.identity())
+    reg.load_all()
+    v = reg.get("g")
+    assert v.layers == [1, 2] and v.metadata["sweep"]["examples"] == 3 and v.metadata["params"]["n_steps"] == 4
+    assert CliRunner().invoke(app, ["vectors", "build", str(data), "--name", "g", *vd, *model]).exit_code != 0
+    r = CliRunner().invoke(app, ["vectors", "export-gguf", "g", str(tmp_path / "g.gguf"), "--scale", "2", *vd])
+    assert r.exit_code == 0, r.output
+    r = CliRunner().invoke(app, ["vectors", "import-gguf", str(tmp_path / "g.gguf"), "g2", *vd, *model])
+    assert r.exit_code == 0, r.output
+    reg.load_all()
+    torch.testing.assert_close(reg.get("g2").values[2], 2 * v.values[2])
+    assert CliRunner().invoke(app, ["vectors", "rename", "g2", "g3", *vd]).exit_code == 0
+    r = CliRunner().invoke(app, ["vectors", "list", *vd])
+    assert r.exit_code == 0 and "g3" in r.output and "g2" not in r.output
+    r = CliRunner().invoke(app, ["vectors", "sweep", "g", str(data), "--scales", "1", "--output",
+                                 str(tmp_path / "s.json"), *vd, *model])
+    assert r.exit_code == 0, r.output
+    assert len(json.loads((tmp_path / "s.json").read_text())["table"]) == 2
+    bad = CliRunner().invoke(app, ["vectors", "build", str(data), "--name", "x", "--method", "zz", *vd, *model])
+    assert bad.exit_code == 2 and "valid methods" in bad.output
+    assert CliRunner().invoke(app, ["vectors", "delete", "g3", *vd]).exit_code == 0

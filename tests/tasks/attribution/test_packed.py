@@ -1,0 +1,82 @@
+"""Integrated gradients over whole packed sequences."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from steering.backends.hf import run_job
+from steering.backends.hf.loading import load_model
+from steering.datasets import PreferenceExample
+from steering.tasks.attribution.gradients import integration_points
+from steering.tasks.attribution.packed import integrated_gradients
+from steering.tasks.builders import encode
+from steering.tasks.builders.registry import BuilderParams
+from steering.tasks.packing import answer_rows
+
+EXAMPLES = [
+    PreferenceExample("What is the capital of France?", "Paris", "Berlin"),
+    PreferenceExample("I love this movie, it is", "wonderful and happy", "awful and sad"),
+    PreferenceExample("The quick brown fox", "jumps over the lazy dog", "is sad"),
+    PreferenceExample("Can you see the Great Wall of China from space?", "No, it is too narrow", "Yes"),
+    PreferenceExample("Numbers: 0 1 2 3", "4 5 6", "9 9 9"),
+]
+
+
+@pytest.fixture(scope="module")
+def lm64(tiny_dir):
+    return load_model(str(tiny_dir), device="cpu", dtype="float64")
+
+
+def plain_logprob(lm, prompt: list[int], answer: list[int], embeds=None, hook=None) -> torch.Tensor:
+    """Reference: summed log P(answer | prompt) from one plain forward of the unpacked sequence."""
+    if embeds is None:
+        out = lm.model(input_ids=torch.tensor([prompt + answer]))
+    else:
+        out = lm.model(inputs_embeds=embeds.unsqueeze(0))
+    lp = out.logits[0].double().log_softmax(-1)
+    P = len(prompt)
+    return lp[P - 1: P - 1 + len(answer)].gather(-1, torch.tensor(answer).unsqueeze(-1)).sum()
+
+
+def _reference_ig(lm, p, a, b, n):
+    """Contrastive IG of log P(a|p) - log P(b|p) over all tokens, from plain forwards (zero baseline)."""
+    emb = lm.model.get_input_embeddings()
+    x = [emb(torch.tensor(t)).detach() for t in (p, a, b)]
+    alphas, weights = integration_points(n, "gausslegendre")
+    acc = [torch.zeros_like(t) for t in x]
+    for alpha, w in zip(alphas.tolist(), weights.tolist()):
+        e = [(alpha * t).requires_grad_(True) for t in x]
+        f = plain_logprob(lm, p, a, torch.cat([e[0], e[1]])) - plain_logprob(lm, p, b, torch.cat([e[0], e[2]]))
+        for g_acc, g in zip(acc, torch.autograd.grad(f, e)):
+            g_acc += w * g
+    return torch.cat([(g * t).sum(-1) for g, t in zip(acc, x)])
+
+
+def test_packed_ig_equals_plain_reference_and_is_complete(lm64):
+    tok = lm64.tokenizer
+    data = encode(lm64, EXAMPLES[:3], BuilderParams())
+    rows = [answer_rows(e.prompt, [e.preferred, e.dispreferred]) for e in data]
+    scores = run_job(lambda ctx: integrated_gradients(ctx, rows, [[0, 1, -1]] * 3, n_steps=16), lm64,
+                     chunk_tokens=96)
+    for e, s in zip(data, scores):
+        ref = _reference_ig(lm64, e.prompt, e.preferred, e.dispreferred, 16)
+        torch.testing.assert_close(s.double(), ref, rtol=1e-4, atol=1e-4 * float(ref.abs().max()))
+        assert float(s[len(e.prompt) + len(e.preferred) - 1]) == 0.0  # an answer's last token predicts nothing
+    # completeness from the EOS baseline (the zero embedding is ill-conditioned under RMSNorm)
+    e = data[0]
+    scores = run_job(lambda ctx: integrated_gradients(ctx, rows[:1], [[0, 1, -1]], n_steps=128, baseline="eos"),
+                     lm64)
+    emb = lm64.model.get_input_embeddings()
+    eos = emb(torch.tensor(tok.eos_token_id))
+
+    def f(base: bool) -> float:
+        parts = [emb(torch.tensor(t)) if not base else eos.expand(len(t), -1) for t in (e.prompt, e.preferred,
+                                                                                         e.dispreferred)]
+        with torch.no_grad():
+            return float(plain_logprob(lm64, e.prompt, e.preferred, torch.cat(parts[:2]))
+                         - plain_logprob(lm64, e.prompt, e.dispreferred, torch.cat([parts[0], parts[2]])))
+
+    gap = f(False) - f(True)
+    assert abs(gap) > 0.1
+    assert float(scores[0].sum()) == pytest.approx(gap, rel=1e-3, abs=1e-3)
