@@ -8,9 +8,10 @@ unknown name with an error that lists the valid ones.
 from __future__ import annotations
 
 from collections.abc import Iterator
-from typing import Generic, TypeVar
+from typing import Any, Generic, TypeVar
 
 from steering.errors import InvalidRequestError
+from steering.params import parse_params
 
 C = TypeVar("C", bound=type)
 
@@ -43,6 +44,10 @@ class Registry(Generic[C]):
             valid = f"valid {self.plural}" if self.plural else "valid"
             raise InvalidRequestError(f"unknown {self.kind} {name!r}; {valid}: {', '.join(self.names())}",
                                       param=self.param) from None
+
+    def parse_params(self, cls: C, params: dict[str, Any] | None) -> Any:
+        """``cls.Params`` validated from ``params``: unknown names are rejected, with the valid ones listed."""
+        return parse_params(getattr(cls, "Params"), params, getattr(cls, "name"))  # noqa: B009
 
     def __getitem__(self, name: str) -> C:
         return self._items[name]

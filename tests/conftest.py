@@ -67,3 +67,58 @@ def make_fake(tiny_tokenizer):
     yield _make
     for backend in made:
         backend.shutdown()
+
+
+@pytest.fixture(scope="session")
+def lm64(tiny_dir):
+    """The tiny model in float64 (its RMSNorms still compute in float32)."""
+    return load_model(str(tiny_dir), device="cpu", dtype="float64")
+
+
+@pytest.fixture(scope="session")
+def texts(tiny_lm):
+    """A prompt and two continuations of it, as token ids."""
+    inputs = tiny_lm.inputs
+    return (inputs.encode_text("The quick brown fox jumps over"), inputs.encode_continuation(" the lazy dog"),
+            inputs.encode_continuation(" a happy cat"))
+
+
+@pytest.fixture(scope="session")
+def sentiment_vector(tiny_lm):
+    """A CAA vector built from :data:`tests.tiny.SENTIMENT`, named ``pos``."""
+    from dataclasses import replace
+
+    from steering.tasks.builders import BuildRequest, build
+    from tests.tiny import SENTIMENT
+
+    return replace(build(tiny_lm, BuildRequest(SENTIMENT, "caa")).vector, name="pos")
+
+
+@pytest.fixture(scope="module")
+def engine(tiny_lm):
+    """A started engine on the tiny model, shared by a module's tests."""
+    eng = HFEngine(tiny_lm, EngineConfig(max_batch_size=8, max_queue_size=64)).start()
+    yield eng
+    eng.shutdown()
+
+
+@pytest.fixture(scope="module")
+def server(engine, tmp_path_factory):
+    """A live server on the module's engine: (url, app)."""
+    from tests.live import live_server
+
+    with live_server(engine, vector_dir=tmp_path_factory.mktemp("vectors")) as (url, app):
+        yield url, app
+
+
+@pytest.fixture(scope="module")
+def client(server):
+    """The official OpenAI SDK pointed at the module's server."""
+    import openai
+
+    return openai.OpenAI(base_url=server[0] + "/v1", api_key="unused", max_retries=0)
+
+
+@pytest.fixture(scope="module")
+def model_name(tiny_lm):
+    return tiny_lm.name

@@ -1,10 +1,13 @@
-"""Tiny random models and a locally trained tokenizer, saved as real Hugging Face directories."""
+"""Tiny random models and a locally trained tokenizer, saved as real Hugging Face directories; the small data sets
+and the plain-forward references that tests share."""
 
 from __future__ import annotations
 
 from pathlib import Path
 
 import torch
+
+from steering.datasets import PreferenceExample
 
 CHAT_TEMPLATE = (
     "{% for m in messages %}<|im_start|>{{ m['role'] }}\n{{ m['content'] }}<|im_end|>\n{% endfor %}"
@@ -80,3 +83,40 @@ def build_model(path: Path, arch: str = "llama", seed: int = 0, layers: int = 4,
     model = AutoModelForCausalLM.from_config(cfg)
     model.save_pretrained(path)
     return path
+
+
+EXAMPLES = [
+    PreferenceExample("What is the capital of France?", "Paris", "Berlin"),
+    PreferenceExample("I love this movie, it is", "wonderful and happy", "awful and sad"),
+    PreferenceExample("The quick brown fox", "jumps over the lazy dog", "is sad"),
+    PreferenceExample("Can you see the Great Wall of China from space?", "No, it is too narrow", "Yes"),
+    PreferenceExample("Numbers: 0 1 2 3", "4 5 6", "9 9 9"),
+]
+"""Preference examples (prompt, preferred, dispreferred) for builders and sweeps."""
+
+SENTIMENT = [
+    PreferenceExample("I love this movie, it is", "wonderful and happy", "awful and sad"),
+    PreferenceExample("The day was", "bright and good", "dark and bad"),
+    PreferenceExample("My friend is", "kind and happy", "cruel and sad"),
+]
+"""A tiny sentiment set: the positive answer preferred."""
+
+TRUTHFULQA_CSV = (
+    "Type,Category,Question,Best Answer,Correct Answers,Incorrect Answers,Source\n"
+    'Adversarial,Misc,Is the sky green?,No it is blue,"No it is blue; It is not green","Yes; It is always green",x\n'
+    'Adversarial,Misc,What do cats eat?,Cats eat meat,"Cats eat meat","Cats eat rocks; Cats eat nothing; Glass",x\n'
+    'Adversarial,Misc,Can pigs fly?,No,"No; Pigs cannot fly; They walk","Yes; Pigs fly south",x\n'
+    'Adversarial,Misc,The quick brown fox,jumps over the dog,"jumps over the dog","is sad",x\n'
+)
+"""Four questions in the TruthfulQA CSV format."""
+
+
+def plain_logprob(lm, prompt: list[int], answer: list[int], embeds=None) -> torch.Tensor:
+    """Reference: summed log P(answer | prompt) from one plain forward of the unpacked sequence."""
+    if embeds is None:
+        out = lm.model(input_ids=torch.tensor([prompt + answer]))
+    else:
+        out = lm.model(inputs_embeds=embeds.unsqueeze(0))
+    lp = out.logits[0].double().log_softmax(-1)
+    P = len(prompt)
+    return lp[P - 1: P - 1 + len(answer)].gather(-1, torch.tensor(answer).unsqueeze(-1)).sum()

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import pytest
 import torch
 
 from steering.tasks.attribution import (
@@ -10,15 +9,6 @@ from steering.tasks.attribution import (
     AttributionTarget,
     attribute,
 )
-
-
-@pytest.fixture(scope="module")
-def texts(tiny_lm):
-    tok = tiny_lm.tokenizer
-    prompt = tok("The quick brown fox jumps over")["input_ids"]
-    yes = tok(" the lazy dog", add_special_tokens=False)["input_ids"]
-    no = tok(" a happy cat", add_special_tokens=False)["input_ids"]
-    return prompt, yes, no
 
 
 def test_cli_attribute_writes_json(tiny_dir, tiny_lm, texts, tmp_path):

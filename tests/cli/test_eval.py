@@ -6,42 +6,19 @@ import json
 
 import pytest
 
-from steering.datasets import PreferenceExample
 from steering.store import VectorStore
-from steering.tasks.builders import BuildRequest, build
-
-CSV = (
-    "Type,Category,Question,Best Answer,Correct Answers,Incorrect Answers,Source\n"
-    'Adversarial,Misc,Is the sky green?,No it is blue,"No it is blue; It is not green","Yes; It is always green",x\n'
-    'Adversarial,Misc,What do cats eat?,Cats eat meat,"Cats eat meat","Cats eat rocks; Cats eat nothing; Glass",x\n'
-    'Adversarial,Misc,Can pigs fly?,No,"No; Pigs cannot fly; They walk","Yes; Pigs fly south",x\n'
-    'Adversarial,Misc,The quick brown fox,jumps over the dog,"jumps over the dog","is sad",x\n'
-)
+from tests.tiny import TRUTHFULQA_CSV
 
 
-BUILD = [
-    PreferenceExample("I love this movie, it is", "wonderful and happy", "awful and sad"),
-    PreferenceExample("The day was", "bright and good", "dark and bad"),
-    PreferenceExample("My friend is", "kind and happy", "cruel and sad"),
-]
-
-
-@pytest.fixture(scope="module")
-def vec(tiny_lm):
-    v = build(tiny_lm, BuildRequest(BUILD, "caa")).vector
-    v.name = "pos"
-    return v
-
-
-def test_cli_eval(tiny_dir, tiny_lm, vec, tmp_path):
+def test_cli_eval(tiny_dir, tiny_lm, sentiment_vector, tmp_path):
     from typer.testing import CliRunner
 
     from cli.main import app
 
     reg = VectorStore(tmp_path / "vecs", tiny_lm.info.identity())
-    reg.put("pos", vec)
+    reg.put("pos", sentiment_vector)
     csv_path = tmp_path / "tqa.csv"
-    csv_path.write_text(CSV)
+    csv_path.write_text(TRUTHFULQA_CSV)
     vd = ["--vector-dir", str(tmp_path / "vecs")]
     model = ["--model", str(tiny_dir), "--device", "cpu"]
     r = CliRunner().invoke(app, ["eval", "truthfulqa", "--data", str(csv_path), "--rows", "0-2", "--vector", "pos",
@@ -50,7 +27,7 @@ def test_cli_eval(tiny_dir, tiny_lm, vec, tmp_path):
     assert r.exit_code == 0, r.output
     d = json.loads((tmp_path / "r.json").read_text())
     assert [c["label"] for c in d["conditions"]] == ["unsteered", "pos@L2 x0.5 rel", "pos@L2 x1 rel"]
-    assert d["conditions"][2]["steering"][0]["scale"] == pytest.approx(vec.metadata["hidden_norms"]["2"])
+    assert d["conditions"][2]["steering"][0]["scale"] == pytest.approx(sentiment_vector.metadata["hidden_norms"]["2"])
     assert d["data"]["examples"] == 3 and d["data"]["rows"] == "0-2"
     assert (tmp_path / "r.md").read_text() in r.output
     prompts = tmp_path / "p.txt"

@@ -6,16 +6,8 @@ import json
 
 import torch
 
-from steering.datasets import PreferenceExample
 from steering.store import VectorStore
-
-EXAMPLES = [
-    PreferenceExample("What is the capital of France?", "Paris", "Berlin"),
-    PreferenceExample("I love this movie, it is", "wonderful and happy", "awful and sad"),
-    PreferenceExample("The quick brown fox", "jumps over the lazy dog", "is sad"),
-    PreferenceExample("Can you see the Great Wall of China from space?", "No, it is too narrow", "Yes"),
-    PreferenceExample("Numbers: 0 1 2 3", "4 5 6", "9 9 9"),
-]
+from tests.tiny import EXAMPLES
 
 
 def test_cli_vectors(tiny_dir, tiny_lm, tmp_path):

@@ -5,33 +5,9 @@ from __future__ import annotations
 import openai
 import pytest
 
-from steering.backends.hf import EngineConfig, HFEngine
-from tests.live import live_server, vec_values
+from tests.live import vec_values
 
 MSGS = [{"role": "user", "content": "What is the capital of France?"}]
-
-
-@pytest.fixture(scope="module")
-def engine(tiny_lm):
-    eng = HFEngine(tiny_lm, EngineConfig(max_batch_size=8, max_queue_size=64)).start()
-    yield eng
-    eng.shutdown()
-
-
-@pytest.fixture(scope="module")
-def server(engine, tmp_path_factory):
-    with live_server(engine, vector_dir=tmp_path_factory.mktemp("vectors")) as (url, app):
-        yield url, app
-
-
-@pytest.fixture(scope="module")
-def client(server):
-    return openai.OpenAI(base_url=server[0] + "/v1", api_key="unused", max_retries=0)
-
-
-@pytest.fixture(scope="module")
-def model_name(tiny_lm):
-    return tiny_lm.name
 
 
 

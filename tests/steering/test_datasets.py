@@ -8,14 +8,7 @@ import pytest
 
 from steering.datasets import PreferenceExample, dataset_hash, load_examples, parse_rows
 from steering.errors import InvalidRequestError
-
-EXAMPLES = [
-    PreferenceExample("What is the capital of France?", "Paris", "Berlin"),
-    PreferenceExample("I love this movie, it is", "wonderful and happy", "awful and sad"),
-    PreferenceExample("The quick brown fox", "jumps over the lazy dog", "is sad"),
-    PreferenceExample("Can you see the Great Wall of China from space?", "No, it is too narrow", "Yes"),
-    PreferenceExample("Numbers: 0 1 2 3", "4 5 6", "9 9 9"),
-]
+from tests.tiny import EXAMPLES
 
 
 def test_data_files(tmp_path):

@@ -5,17 +5,9 @@ from __future__ import annotations
 import pytest
 import torch
 
-from steering.datasets import PreferenceExample
 from steering.errors import SteeringValidationError
 from steering.tasks.builders import BuildRequest, build
-
-EXAMPLES = [
-    PreferenceExample("What is the capital of France?", "Paris", "Berlin"),
-    PreferenceExample("I love this movie, it is", "wonderful and happy", "awful and sad"),
-    PreferenceExample("The quick brown fox", "jumps over the lazy dog", "is sad"),
-    PreferenceExample("Can you see the Great Wall of China from space?", "No, it is too narrow", "Yes"),
-    PreferenceExample("Numbers: 0 1 2 3", "4 5 6", "9 9 9"),
-]
+from tests.tiny import EXAMPLES
 
 
 def test_gguf_export_of_a_built_vector_round_trips(tiny_lm, tmp_path):

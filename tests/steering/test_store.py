@@ -13,19 +13,11 @@ from pathlib import Path
 import pytest
 import torch
 
-from steering.datasets import PreferenceExample
 from steering.engine import ModelIdentity
 from steering.store import ModelMismatchError, VectorExistsError, VectorStore
 from steering.tasks.builders import BuildRequest, build
 from steering.vectors import SteeringVector
-
-EXAMPLES = [
-    PreferenceExample("What is the capital of France?", "Paris", "Berlin"),
-    PreferenceExample("I love this movie, it is", "wonderful and happy", "awful and sad"),
-    PreferenceExample("The quick brown fox", "jumps over the lazy dog", "is sad"),
-    PreferenceExample("Can you see the Great Wall of China from space?", "No, it is too narrow", "Yes"),
-    PreferenceExample("Numbers: 0 1 2 3", "4 5 6", "9 9 9"),
-]
+from tests.tiny import EXAMPLES
 
 
 def test_registry_rename_and_model_identity(tiny_lm, tmp_path):
@@ -49,7 +41,6 @@ def test_registry_rename_and_model_identity(tiny_lm, tmp_path):
         reg.put("foreign", foreign)
     foreign.save(tmp_path / "foreign.safetensors")
     assert again.load_all() == 2 and "foreign.safetensors" in again.skipped
-
 
 WRITER = textwrap.dedent("""
     import sys, torch

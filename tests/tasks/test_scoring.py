@@ -8,18 +8,7 @@ import torch
 from steering.backends.hf import run_job
 from steering.backends.hf.loading import load_model
 from steering.tasks.scoring import score_answers
-from tests.tiny import build_model
-
-
-def plain_logprob(lm, prompt: list[int], answer: list[int], embeds=None, hook=None) -> torch.Tensor:
-    """Reference: summed log P(answer | prompt) from one plain forward of the unpacked sequence."""
-    if embeds is None:
-        out = lm.model(input_ids=torch.tensor([prompt + answer]))
-    else:
-        out = lm.model(inputs_embeds=embeds.unsqueeze(0))
-    lp = out.logits[0].double().log_softmax(-1)
-    P = len(prompt)
-    return lp[P - 1: P - 1 + len(answer)].gather(-1, torch.tensor(answer).unsqueeze(-1)).sum()
+from tests.tiny import build_model, plain_logprob
 
 
 @pytest.fixture(scope="module", params=["llama", "qwen2-sliding", "gpt2"])

@@ -12,7 +12,6 @@ import torch
 from steering.engine.jobs import Progress
 from steering.names import Registry
 from steering.params import StrictParams
-from steering.params import parse_params as parse
 
 
 class MethodParams(StrictParams):
@@ -41,7 +40,4 @@ METHODS: Registry[type[AttributionMethod]] = Registry("attribution method", "met
 register = METHODS.register
 method_names = METHODS.names
 get_method = METHODS.get
-
-
-def parse_params(method: type[AttributionMethod], params: dict[str, Any] | None) -> MethodParams:
-    return parse(method.Params, params, method.name)
+parse_params = METHODS.parse_params

@@ -13,7 +13,6 @@ from pydantic import Field
 from steering.engine.jobs import JobContext, Progress
 from steering.names import Registry
 from steering.params import StrictParams
-from steering.params import parse_params as parse
 
 
 class BuilderParams(StrictParams):
@@ -63,10 +62,7 @@ BUILDERS: Registry[type[Builder]] = Registry("vector method", "method", "methods
 register = BUILDERS.register
 builder_names = BUILDERS.names
 get_builder = BUILDERS.get
-
-
-def parse_params(builder: type[Builder], params: dict[str, Any] | None) -> BuilderParams:
-    return parse(builder.Params, params, builder.name)
+parse_params = BUILDERS.parse_params
 
 
 def principal_direction(d: torch.Tensor) -> tuple[torch.Tensor, float]:

@@ -24,23 +24,6 @@ from steering.vectors import SteeringVector
 BIG = AttributionLimits(max_n_steps=4096)
 
 
-@pytest.fixture(scope="module")
-def lm64(tiny_dir):
-    """The tiny model in float64 (its RMSNorms still compute in float32)."""
-    from steering.backends.hf.loading import load_model
-
-    return load_model(str(tiny_dir), device="cpu", dtype="float64")
-
-
-@pytest.fixture(scope="module")
-def texts(tiny_lm):
-    tok = tiny_lm.tokenizer
-    prompt = tok("The quick brown fox jumps over")["input_ids"]
-    yes = tok(" the lazy dog", add_special_tokens=False)["input_ids"]
-    no = tok(" a happy cat", add_special_tokens=False)["input_ids"]
-    return prompt, yes, no
-
-
 def token_logprobs(lm, prompt: list[int], cont: list[int]) -> torch.Tensor:
     """Reference: log P(cont_t | prompt, cont_<t) from a plain forward of the whole sequence."""
     ids = torch.tensor([prompt + cont])

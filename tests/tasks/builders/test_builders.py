@@ -14,25 +14,7 @@ from steering.tasks.builders import BuildRequest, SweepConfig, build, encode, sw
 from steering.tasks.builders.grains import masked, select
 from steering.tasks.builders.registry import BuilderParams, principal_direction
 from steering.vectors import SteeringVector
-
-EXAMPLES = [
-    PreferenceExample("What is the capital of France?", "Paris", "Berlin"),
-    PreferenceExample("I love this movie, it is", "wonderful and happy", "awful and sad"),
-    PreferenceExample("The quick brown fox", "jumps over the lazy dog", "is sad"),
-    PreferenceExample("Can you see the Great Wall of China from space?", "No, it is too narrow", "Yes"),
-    PreferenceExample("Numbers: 0 1 2 3", "4 5 6", "9 9 9"),
-]
-
-
-def plain_logprob(lm, prompt: list[int], answer: list[int], embeds=None, hook=None) -> torch.Tensor:
-    """Reference: summed log P(answer | prompt) from one plain forward of the unpacked sequence."""
-    if embeds is None:
-        out = lm.model(input_ids=torch.tensor([prompt + answer]))
-    else:
-        out = lm.model(inputs_embeds=embeds.unsqueeze(0))
-    lp = out.logits[0].double().log_softmax(-1)
-    P = len(prompt)
-    return lp[P - 1: P - 1 + len(answer)].gather(-1, torch.tensor(answer).unsqueeze(-1)).sum()
+from tests.tiny import EXAMPLES, plain_logprob
 
 
 def test_select_takes_top_k_of_the_sign_among_candidates():

@@ -8,11 +8,10 @@ import time
 import pytest
 import torch
 
-from steering.datasets import PreferenceExample, TruthfulQAItem, read_truthfulqa
+from steering.datasets import TruthfulQAItem, read_truthfulqa
 from steering.engine.jobs import JobCancelledError
 from steering.errors import InvalidRequestError, SteeringValidationError
 from steering.spec import SteeringApplication, SteeringSpec
-from steering.tasks.builders import BuildRequest, build
 from steering.tasks.evaluation import (
     Condition,
     QAFormat,
@@ -28,35 +27,14 @@ from steering.tasks.evaluation import (
 )
 from steering.tasks.evaluation.report import mcnemar_p, paired
 from steering.tasks.evaluation.truthfulqa import encode_questions, question_scores
-
-CSV = (
-    "Type,Category,Question,Best Answer,Correct Answers,Incorrect Answers,Source\n"
-    'Adversarial,Misc,Is the sky green?,No it is blue,"No it is blue; It is not green","Yes; It is always green",x\n'
-    'Adversarial,Misc,What do cats eat?,Cats eat meat,"Cats eat meat","Cats eat rocks; Cats eat nothing; Glass",x\n'
-    'Adversarial,Misc,Can pigs fly?,No,"No; Pigs cannot fly; They walk","Yes; Pigs fly south",x\n'
-    'Adversarial,Misc,The quick brown fox,jumps over the dog,"jumps over the dog","is sad",x\n'
-)
-
-
-BUILD = [
-    PreferenceExample("I love this movie, it is", "wonderful and happy", "awful and sad"),
-    PreferenceExample("The day was", "bright and good", "dark and bad"),
-    PreferenceExample("My friend is", "kind and happy", "cruel and sad"),
-]
+from tests.tiny import TRUTHFULQA_CSV
 
 
 @pytest.fixture(scope="module")
 def items(tmp_path_factory) -> list[TruthfulQAItem]:
     path = tmp_path_factory.mktemp("tqa") / "tqa.csv"
-    path.write_text(CSV)
+    path.write_text(TRUTHFULQA_CSV)
     return read_truthfulqa(path)
-
-
-@pytest.fixture(scope="module")
-def vec(tiny_lm):
-    v = build(tiny_lm, BuildRequest(BUILD, "caa")).vector
-    v.name = "pos"
-    return v
 
 
 def plain_logprob(lm, prompt, answer, hook_layer=None, fn=None) -> float:
@@ -91,12 +69,12 @@ def test_question_scores_by_hand():
     assert s["binary"] == s["mc1"] == 1.0
 
 
-def test_truthfulqa_matches_plain_forwards_with_and_without_steering(tiny_lm, items, vec):
-    cond = Condition("pos@L2", SteeringSpec([SteeringApplication(vec, 3.0, [2], "all", True)]))
+def test_truthfulqa_matches_plain_forwards_with_and_without_steering(tiny_lm, items, sentiment_vector):
+    cond = Condition("pos@L2", SteeringSpec([SteeringApplication(sentiment_vector, 3.0, [2], "all", True)]))
     rep = evaluate_truthfulqa(tiny_lm, TruthfulQARequest(items, [cond], per_question=True), chunk_tokens=64)
     data = encode_questions(tiny_lm, items, QAFormat())
     assert [len(q.answers) for q in data] == [4, 4, 5, 2]  # best + other correct, then incorrect (deduplicated)
-    for ci, (layer, fn) in enumerate([(None, None), (2, steer_hook(vec.values[2], 3.0))]):
+    for ci, (layer, fn) in enumerate([(None, None), (2, steer_hook(sentiment_vector.values[2], 3.0))]):
         per_q = rep.as_dict()["conditions"][ci]["per_question"]
         for q, got in zip(data, per_q):
             ref = question_scores([plain_logprob(tiny_lm, q.prompt, a, layer, fn) for a in q.answers], q.n_true)
@@ -136,20 +114,21 @@ def test_paired_counts_and_mcnemar():
     assert r["gained"] == 2 and r["lost"] == 1 and r["diff"] == pytest.approx(0.2)
 
 
-def test_conditions_relative_and_labels(tiny_lm, vec):
-    apps = relative_applications(vec, 0.5, [1, 2])
+def test_conditions_relative_and_labels(tiny_lm, sentiment_vector):
+    apps = relative_applications(sentiment_vector, 0.5, [1, 2])
     assert [a.layers for a in apps] == [[1], [2]]
-    assert [a.scale for a in apps] == pytest.approx([0.5 * vec.metadata["hidden_norms"][str(x)] for x in (1, 2)])
+    norms = sentiment_vector.metadata["hidden_norms"]
+    assert [a.scale for a in apps] == pytest.approx([0.5 * norms[str(x)] for x in (1, 2)])
     from steering.vectors import SteeringVector
 
     with pytest.raises(InvalidRequestError, match="relative scales need"):
-        relative_applications(SteeringVector({1: vec.values[1]}, name="bare"), 1.0)
+        relative_applications(SteeringVector({1: sentiment_vector.values[1]}, name="bare"), 1.0)
     assert label_for("v", [3], 1.5, False) == "v@L3 x1.5" and label_for("v", [1, 2, 3, 4], 0.5, True) == \
         "v@L1-4 x0.5 rel"
-    bad = Condition("x", SteeringSpec([SteeringApplication(vec, 1.0, [9])]))
+    bad = Condition("x", SteeringSpec([SteeringApplication(sentiment_vector, 1.0, [9])]))
     with pytest.raises(SteeringValidationError, match=r"conditions\[0\] \(x\)"):
         evaluate_truthfulqa(tiny_lm, TruthfulQARequest([TruthfulQAItem("q", "a", (), ("b",))], [bad]))
-    dup = [Condition("unsteered", SteeringSpec([SteeringApplication(vec, 1.0, [1])]))]
+    dup = [Condition("unsteered", SteeringSpec([SteeringApplication(sentiment_vector, 1.0, [1])]))]
     with pytest.raises(InvalidRequestError, match="unique"):
         evaluate_truthfulqa(tiny_lm, TruthfulQARequest([TruthfulQAItem("q", "a", (), ("b",))], dup))
 
@@ -175,9 +154,9 @@ def test_scorers_and_distinct_n():
 PROMPTS = ["The day was", "My friend is", "I love this movie, it is"]
 
 
-def test_steer_eval_generates_scores_and_measures_perplexity(make_engine, tiny_lm, vec):
+def test_steer_eval_generates_scores_and_measures_perplexity(make_engine, tiny_lm, sentiment_vector):
     engine = make_engine(max_batch_size=2)
-    cond = Condition("pos", SteeringSpec([SteeringApplication(vec, 40.0, [1, 2], "all", True)]))
+    cond = Condition("pos", SteeringSpec([SteeringApplication(sentiment_vector, 40.0, [1, 2], "all", True)]))
     req = SteerEvalRequest(PROMPTS, [cond], scorer="keywords", scorer_params={"words": ["happy", "good"]},
                            chat=False, max_tokens=6, samples=2)
     prep = prepare_steer(tiny_lm, req)
@@ -214,7 +193,7 @@ def test_steer_eval_generates_scores_and_measures_perplexity(make_engine, tiny_l
     assert "| pos |" in rep.markdown() and "keywords" in rep.markdown()
 
 
-def test_steer_eval_checks_before_work_and_cancels(make_engine, tiny_lm, vec):
+def test_steer_eval_checks_before_work_and_cancels(make_engine, tiny_lm, sentiment_vector):
     with pytest.raises(InvalidRequestError, match="no prompts"):
         prepare_steer(tiny_lm, SteerEvalRequest([]))
     with pytest.raises(InvalidRequestError, match="unknown scorer"):
