@@ -40,17 +40,15 @@ def _options() -> list[inspect.Parameter]:
 
 def serve(**given: Any) -> None:
     """Serve the OpenAI-compatible API."""
-    import uvicorn
-
     from server.app import create_app
+    from server.run import build_server
 
     settings = ServerSettings(**{k: v for k, v in given.items() if v is not None})
     logging.getLogger().setLevel(settings.log_level.upper())
     # The engine thread and the event loop share the GIL; a short switch interval lets the loop forward a
     # token as soon as the engine hands it over instead of waiting up to 5 ms per hand-off.
     sys.setswitchinterval(0.0005)
-    uvicorn.run(create_app(settings), host=settings.host, port=settings.port, log_level=settings.log_level,
-                timeout_graceful_shutdown=int(settings.drain_seconds) + 5)
+    build_server(create_app(settings), settings).run()
 
 
 serve.__signature__ = inspect.Signature(_options(), return_annotation=None)  # type: ignore[attr-defined]

@@ -12,7 +12,8 @@ from fastapi import FastAPI
 
 from server.errors import install_error_handlers
 from server.lifespan import BACKENDS, AppState, lifespan
-from server.middleware import BodyLimit
+from server.middleware import BodyLimits
+from server.openapi import AllowMethods, install_openapi
 from server.routes import attribution, evaluation, jobs, openai, probes, tokenize, unavailable, vectors
 from server.settings import ServerSettings
 from steering import __version__
@@ -25,7 +26,9 @@ def create_app(settings: ServerSettings | None = None, backend: GenerationBacken
     app = FastAPI(title="steerserve", version=__version__, lifespan=lifespan(state, backend))
     app.state.steerserve = state
     install_error_handlers(app, settings.retry_after_seconds)
-    app.add_middleware(BodyLimit, max_bytes=settings.max_body_bytes)
+    install_openapi(app)
+    app.add_middleware(BodyLimits, max_bytes=settings.max_body_bytes, timeout=settings.body_timeout_seconds)
+    app.add_middleware(AllowMethods, router_app=app)
     analysis = isinstance(backend, AnalysisBackend) if backend is not None else BACKENDS[settings.backend].analysis
     for module in (probes, openai, tokenize, vectors):
         app.include_router(module.router)

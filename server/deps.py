@@ -1,13 +1,14 @@
-"""Dependencies the routes share: the app's state and services, and bearer authentication."""
+"""Dependencies the routes share: the app's state and services, and bearer authentication with roles."""
 
 from __future__ import annotations
 
-import secrets
+from collections.abc import Awaitable, Callable
 from typing import Annotated
 
 from fastapi import Depends, Request
 from fastapi.security import HTTPAuthorizationCredentials, HTTPBearer
 
+from server.auth import OPEN, Principal, Role
 from server.errors import APIError
 from server.lifespan import AppState
 from server.serving import Services
@@ -33,14 +34,29 @@ def get_services(state: StateDep) -> Services:
 ServicesDep = Annotated[Services, Depends(get_services)]
 
 
-async def require_key(state: StateDep,
-                      creds: Annotated[HTTPAuthorizationCredentials | None, Depends(bearer)]) -> None:
-    key = state.settings.api_key
-    if not key:
-        return
-    if creds is None or not secrets.compare_digest(creds.credentials.encode(), key.encode()):
-        raise APIError(401, "missing or invalid API key (send 'Authorization: Bearer <key>')",
-                       type_="authentication_error", headers={"WWW-Authenticate": "Bearer"})
+def require(role: Role) -> Callable[..., Awaitable[Principal]]:
+    """A dependency that authenticates the request's key and checks that its role is at least ``role``."""
+
+    async def authenticate(state: StateDep,
+                           creds: Annotated[HTTPAuthorizationCredentials | None, Depends(bearer)]) -> Principal:
+        keys = state.keys
+        if keys.open:
+            return OPEN
+        principal = keys.get(creds.credentials) if creds is not None else None
+        if principal is None:
+            raise APIError(401, "missing or invalid API key (send 'Authorization: Bearer <key>')",
+                           type_="authentication_error", headers={"WWW-Authenticate": "Bearer"})
+        if principal.role < role:
+            raise APIError(403, f"this key has the {principal.role.name} role; this needs {role.name}",
+                           type_="permission_error")
+        return principal
+
+    return authenticate
+
+
+ReadKey = Annotated[Principal, Depends(require(Role.read))]
+GenerateKey = Annotated[Principal, Depends(require(Role.generate))]
+AdminKey = Annotated[Principal, Depends(require(Role.admin))]
 
 
 def _jobs(svc: ServicesDep) -> JobService:

@@ -32,7 +32,8 @@ from steering.errors import (
 log = logging.getLogger(__name__)
 
 TYPES = {400: "invalid_request_error", 401: "authentication_error", 403: "permission_error",
-         404: "not_found_error", 405: "invalid_request_error", 409: "conflict_error", 413: "invalid_request_error",
+         404: "not_found_error", 405: "invalid_request_error", 408: "invalid_request_error", 409: "conflict_error",
+         413: "invalid_request_error",
          429: "rate_limit_error", 501: "not_implemented_error", 503: "service_unavailable_error"}
 
 ERROR_TABLE: tuple[tuple[type[SteeringError], int], ...] = (
@@ -66,9 +67,16 @@ def error_body(status: int, message: str, param: str | None = None, type_: str |
                       "code": status}}
 
 
+class ErrorJSON(JSONResponse):
+    """The envelope as ASCII JSON: whatever text an error quotes, the response can always be written."""
+
+    def render(self, content: Any) -> bytes:
+        return json.dumps(content, ensure_ascii=True, separators=(",", ":")).encode("ascii")
+
+
 def error_response(status: int, message: str, param: str | None = None, type_: str | None = None,
                    headers: dict[str, str] | None = None) -> JSONResponse:
-    return JSONResponse(error_body(status, message, param, type_), status_code=status, headers=headers)
+    return ErrorJSON(error_body(status, message, param, type_), status_code=status, headers=headers)
 
 
 def as_api_error(exc: SteeringError, retry_after: int = 1) -> APIError:

@@ -11,9 +11,10 @@ from dataclasses import dataclass
 
 from fastapi import FastAPI
 
+from server.auth import KeyRing
 from server.errors import APIError
 from server.serving import Services, build_services
-from server.settings import ServerSettings
+from server.settings import ServerSettings, request_limits
 from steering.engine.base import GenerationBackend
 
 log = logging.getLogger(__name__)
@@ -32,7 +33,9 @@ def build_hf(settings: ServerSettings) -> GenerationBackend:
     lm = load_model(settings.model, device=settings.device, dtype=settings.dtype, cache_dir=settings.cache_dir)
     engine = HFEngine(lm, EngineConfig(max_batch_size=settings.max_batch_size, max_queue_size=settings.max_queue_size,
                                        max_model_len=settings.max_model_len, max_jobs=settings.max_jobs,
-                                       job_chunk_tokens=settings.job_chunk_tokens))
+                                       job_chunk_tokens=settings.job_chunk_tokens,
+                                       background_share=settings.background_share),
+                      limits=request_limits(settings))
     log.info("model %s loaded on %s (%s)", lm.name, lm.device, lm.dtype)
     return engine.start()
 
@@ -43,9 +46,12 @@ BACKENDS: dict[str, BackendFactory] = {"hf": BackendFactory(build_hf, analysis=T
 class AppState:
     def __init__(self, settings: ServerSettings) -> None:
         self.settings = settings
+        self.keys = KeyRing.load(settings.api_key, settings.api_keys, settings.api_keys_file)
         self.services: Services | None = None
         self.load_error: str | None = None
         self.draining = False
+        self.drained = False
+        """Set once a signal-driven drain has finished (the lifespan need not wait again)."""
 
     def require(self) -> Services:
         if self.services is None:
@@ -90,7 +96,7 @@ def lifespan(state: AppState, backend: GenerationBackend | None) -> Lifespan:
                 loader.cancel()
             svc = state.services
             if svc is not None:
-                await asyncio.to_thread(svc.backend.drain, settings.drain_seconds)
+                await asyncio.to_thread(svc.backend.drain, 1.0 if state.drained else settings.drain_seconds)
                 svc.backend.use_vectors(None)
                 if backend is None:
                     await asyncio.to_thread(svc.backend.shutdown)

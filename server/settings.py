@@ -9,6 +9,8 @@ from typing import Literal
 from pydantic import Field
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
+from server.auth import APIKey
+from steering.limits import RequestLimits
 from steering.store import DEFAULT_VECTOR_DIR
 
 
@@ -30,13 +32,31 @@ class ServerSettings(BaseSettings):
     max_model_len: int | None = Field(None, ge=16, description="longest prompt + completion; default: the "
                                                                "model's, at most 8192")
     vector_dir: Path = Field(DEFAULT_VECTOR_DIR, description="directory of the steering-vector store")
-    api_key: str | None = Field(None, description="require 'Authorization: Bearer KEY' on /v1 and the tokenizer")
+    api_key: str | None = Field(None, description="an admin key: then every API call needs "
+                                                  "'Authorization: Bearer <key>'")
+    api_keys: list[APIKey] = Field(default_factory=list, description='keys with roles, as JSON: [{"key": "...", '
+                                   '"role": "read|generate|admin", "name": "..."}]')
+    api_keys_file: Path | None = Field(None, description="a JSON file with the same list of keys (e.g. a secret)")
+    metrics_require_key: bool = Field(False, description="/metrics needs a key (read role) too")
     max_body_bytes: int = Field(16 * 1024 * 1024, ge=1024, description="larger request bodies get 413")
+    max_prompt_chars: int = Field(1_000_000, ge=1, description="prompt characters one request may send")
+    max_stop_strings: int = Field(16, ge=0, description="stop strings one request may give")
+    max_stop_chars: int = Field(256, ge=1, description="characters of one stop string")
     retry_after_seconds: int = Field(1, ge=0, description="Retry-After on 503 when the queue is full")
     log_level: str = Field("info", description="log level (uvicorn's too)")
-    drain_seconds: float = Field(30.0, ge=0, description="on shutdown, wait this long for running work")
+    header_timeout_seconds: float = Field(10.0, gt=0, description="a connection must send its request headers "
+                                                                   "within this")
+    body_timeout_seconds: float = Field(60.0, gt=0, description="a request body must arrive within this (408)")
+    keep_alive_seconds: int = Field(5, ge=1, description="idle keep-alive connections close after this")
+    max_connections: int = Field(1024, ge=1, description="connections and requests served at once (beyond: 503)")
+    drain_seconds: float = Field(30.0, ge=0, description="on SIGTERM, wait at most this long for running work "
+                                                         "before stopping it")
+    shutdown_delay_seconds: float = Field(2.0, ge=0, description="on SIGTERM, keep listening (with /ready 503) at "
+                                                                 "least this long")
     max_jobs: int = Field(64, ge=1, description="background jobs (attributions, builds...) queued or running")
     job_chunk_tokens: int = Field(2048, ge=16, description="tokens per job chunk: generation waits at most one")
+    background_share: float = Field(0.5, gt=0, le=1, description="most of the batch that background generations "
+                                                                  "(evaluations) may hold")
     build_max_examples: int = Field(10_000, ge=1, description="examples in one vector build")
     build_max_sweep_rows: int = Field(200_000, ge=1, description="(layers x scales + 1) x validation examples")
     eval_max_prompts: int = Field(1024, ge=1, description="prompts in one steering-effect evaluation")
@@ -48,3 +68,9 @@ class ServerSettings(BaseSettings):
     attribution_max_n_steps: int = Field(512, ge=1, description="integration steps of one attribution")
     attribution_max_probes: int = Field(64, ge=1, description="ReAGent probes of one attribution")
     attribution_max_probe_steps: int = Field(1000, ge=1, description="ReAGent steps of one attribution")
+
+
+def request_limits(settings: ServerSettings) -> RequestLimits:
+    """The bounds on one request's work, from the settings."""
+    return RequestLimits(max_prompt_chars=settings.max_prompt_chars, max_stop_strings=settings.max_stop_strings,
+                         max_stop_chars=settings.max_stop_chars)

@@ -13,7 +13,8 @@ from typing import Any, TypeVar
 from fastapi import Request
 from fastapi.responses import Response, StreamingResponse
 
-from server.errors import error_body
+from server.errors import as_api_error, error_body
+from steering.errors import SteeringError
 
 T = TypeVar("T")
 
@@ -26,8 +27,10 @@ def sse(payload: dict[str, Any] | str) -> str:
 DONE = sse("[DONE]")
 
 
-def error_event(message: str, status: int = 500, type_: str = "server_error") -> str:
-    return sse(error_body(status, message, type_=type_))
+def error_event(error: SteeringError) -> str:
+    """A core error as the last event of a stream that already started (with its HTTP status as the code)."""
+    api = as_api_error(error)
+    return sse(error_body(api.status, api.message, api.param, api.type))
 
 
 def event_stream(events: AsyncIterator[str]) -> StreamingResponse:

@@ -32,6 +32,10 @@ class SteeringValidationError(InvalidRequestError):
     """A steering spec does not fit the loaded model (wrong hidden size, unknown layer, NaN/Inf...)."""
 
 
+class SteeringOverflowError(InvalidRequestError):
+    """The request's steering drove its hidden states (or logits) to Inf/NaN; only that request fails."""
+
+
 class NotFoundError(SteeringError, LookupError):
     """The named thing (vector, job, model) does not exist."""
 

@@ -98,8 +98,10 @@ def export_for_llama_cpp(vector: SteeringVector, path: str | os.PathLike, scale:
     if not kept:
         raise SteeringValidationError("the vector has only layer 0, which llama.cpp control vectors cannot hold",
                                       param="layers")
-    hint = (vector.metadata.get("model") or {}).get("model_type") or "llama"
-    export_controlvector(SteeringVector(kept, name=vector.name), path, model_hint=hint, scale=scale)
+    model = vector.metadata.get("model")
+    hint = model.get("model_type") if isinstance(model, dict) else None
+    export_controlvector(SteeringVector(kept, name=vector.name), path,
+                         model_hint=hint if isinstance(hint, str) and hint else "llama", scale=scale)
     return sorted(set(vector.values) - set(kept))
 
 

@@ -24,8 +24,11 @@ from steering.vectors import SteeringVector
 log = logging.getLogger(__name__)
 
 DEFAULT_VECTOR_DIR = Path.home() / ".local" / "share" / "steerserve" / "vectors"
-NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,127}$")
+NAME_RE = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,127}")
+"""A whole name (matched with fullmatch, so no trailing newline slips through)."""
 SUFFIX = ".safetensors"
+STALE_TMP_SECONDS = 600
+"""Temporary files of interrupted writes older than this are removed when the store loads."""
 
 
 class VectorNotFoundError(NotFoundError):
@@ -41,7 +44,7 @@ class VectorExistsError(ConflictError):
 
 
 def check_name(name: str) -> str:
-    if not isinstance(name, str) or not NAME_RE.match(name):
+    if not isinstance(name, str) or not NAME_RE.fullmatch(name):
         raise SteeringValidationError(
             "a vector name is 1-128 characters of letters, digits, '.', '_' or '-', starting with a letter or digit",
             param="name",
@@ -55,6 +58,7 @@ class VectorStore:
         self.root = Path(root)
         self.model = model
         self._vectors: dict[str, SteeringVector] = {}
+        self._norms: dict[str, dict[int, float]] = {}
         self._lock = threading.RLock()
         self.skipped: dict[str, str] = {}  # file name -> why it was not loaded
 
@@ -72,14 +76,19 @@ class VectorStore:
         vec.validate(self.model.hidden_size, self.model.num_layers)
 
     def load_all(self) -> int:
-        """(Re)load every vector file in the directory; return how many were loaded."""
+        """(Re)load every vector file in the directory; return how many were loaded. Files that are symlinks
+        out of the directory are refused; stale temporary files of interrupted writes are removed."""
         self.root.mkdir(parents=True, exist_ok=True)
+        self._remove_stale_temporaries()
+        root = self.root.resolve()
         loaded: dict[str, SteeringVector] = {}
         skipped: dict[str, str] = {}
         for path in sorted(self.root.glob(f"*{SUFFIX}")):
             name = path.name[: -len(SUFFIX)]
             try:
                 check_name(name)
+                if path.is_symlink() and not path.resolve().is_relative_to(root):
+                    raise SteeringValidationError(f"{path.name} is a symlink out of the vector directory")
                 vec = SteeringVector.load(path)
                 vec.name = name
                 self._check(vec)
@@ -89,8 +98,25 @@ class VectorStore:
                 log.warning("skipping steering vector %s: %s", path, exc)
         with self._lock:
             self._vectors = loaded
+            self._norms = {n: _norms(v) for n, v in loaded.items()}
             self.skipped = skipped
         return len(loaded)
+
+    def _remove_stale_temporaries(self) -> None:
+        now = time.time()
+        for tmp in self.root.glob(".*.tmp"):
+            try:
+                if tmp.is_file() and not tmp.is_symlink() and now - tmp.stat().st_mtime > STALE_TMP_SECONDS:
+                    tmp.unlink()
+                    log.info("removed %s, left by an interrupted write", tmp)
+            except OSError as exc:  # another process may be finishing it, or it is gone already
+                log.debug("could not remove %s: %s", tmp, exc)
+
+    def norms(self, name: str) -> dict[int, float]:
+        """Each layer's norm of a stored vector (computed once, when it was stored or loaded)."""
+        with self._lock:
+            self.get(name)
+            return self._norms[name]
 
     def __len__(self) -> int:
         return len(self._vectors)
@@ -123,6 +149,7 @@ class VectorStore:
                 raise VectorExistsError(f"steering vector {name!r} already exists", param="name")
             vector.save(self.root / f"{name}{SUFFIX}")
             self._vectors[name] = vector
+            self._norms[name] = _norms(vector)
         return vector
 
     def delete(self, name: str) -> None:
@@ -131,6 +158,7 @@ class VectorStore:
                 raise VectorNotFoundError(f"steering vector {name!r} not found", param="name")
             (self.root / f"{name}{SUFFIX}").unlink(missing_ok=True)
             del self._vectors[name]
+            self._norms.pop(name, None)
 
     def rename(self, name: str, new_name: str, overwrite: bool = False) -> SteeringVector:
         """Rename atomically (one rename of the file); the vector keeps its values and metadata."""
@@ -144,4 +172,9 @@ class VectorStore:
             os.replace(self.root / f"{name}{SUFFIX}", self.root / f"{new_name}{SUFFIX}")
             del self._vectors[name]
             vec = self._vectors[new_name] = replace(vec, name=new_name)
+            self._norms[new_name] = self._norms.pop(name)
         return vec
+
+
+def _norms(vec: SteeringVector) -> dict[int, float]:
+    return {layer: float(v.norm()) for layer, v in sorted(vec.values.items())}

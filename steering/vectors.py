@@ -17,6 +17,37 @@ _LAYER_PREFIX = "layer."
 _META_KEY = "steerserve"
 
 
+_DICT_KEYS = ("model", "hidden_norms", "raw_norms", "sweep", "dataset", "params", "stats", "info")
+"""Metadata entries that steerserve reads back, each a JSON object when present."""
+
+
+def _read_metadata(path: str | os.PathLike, text: str) -> dict[str, Any]:
+    """The file's steerserve metadata, with the types steerserve relies on checked (a file is client input)."""
+    try:
+        meta = json.loads(text)
+    except ValueError as exc:
+        raise SteeringValidationError(f"{path}: its steerserve metadata is not JSON ({exc})", param="metadata") \
+            from None
+    if not isinstance(meta, dict):
+        raise SteeringValidationError(f"{path}: its steerserve metadata must be a JSON object", param="metadata")
+    if meta.get("name") is not None and not isinstance(meta["name"], str):
+        raise SteeringValidationError(f"{path}: metadata 'name' must be a string", param="metadata")
+    inner = meta.get("metadata")
+    if inner is not None and not isinstance(inner, dict):
+        raise SteeringValidationError(f"{path}: metadata 'metadata' must be a JSON object", param="metadata")
+    for key in _DICT_KEYS:
+        if inner and inner.get(key) is not None and not isinstance(inner[key], dict):
+            raise SteeringValidationError(f"{path}: metadata {key!r} must be a JSON object", param="metadata")
+    sweep = (inner or {}).get("sweep") or {}
+    if sweep.get("best") is not None and not isinstance(sweep["best"], dict):
+        raise SteeringValidationError(f"{path}: metadata 'sweep.best' must be a JSON object", param="metadata")
+    norms = (inner or {}).get("hidden_norms") or {}
+    if any(not isinstance(v, (int, float)) or isinstance(v, bool) or not math.isfinite(v) for v in norms.values()):
+        raise SteeringValidationError(f"{path}: metadata 'hidden_norms' must map layers to finite numbers",
+                                      param="metadata")
+    return meta
+
+
 @dataclass
 class SteeringVector:
     """A steering direction per decoder layer: ``values[layer]`` is a 1-D tensor of the hidden size."""
@@ -72,11 +103,12 @@ class SteeringVector:
 
         values: dict[int, torch.Tensor] = {}
         with safe_open(str(path), framework="pt") as fh:
-            meta = json.loads((fh.metadata() or {}).get(_META_KEY, "{}"))
+            meta = _read_metadata(path, (fh.metadata() or {}).get(_META_KEY, "{}"))
             for key in fh.keys():
-                if not key.startswith(_LAYER_PREFIX):
+                index = key[len(_LAYER_PREFIX):]
+                if not key.startswith(_LAYER_PREFIX) or not index.isdigit():
                     raise SteeringValidationError(f"{path}: unexpected tensor {key!r}; expected 'layer.<index>'")
-                values[int(key[len(_LAYER_PREFIX):])] = fh.get_tensor(key).to(torch.float32)
+                values[int(index)] = fh.get_tensor(key).to(torch.float32)
         return cls(values=values, name=meta.get("name"), metadata=meta.get("metadata") or {})
 
     @classmethod

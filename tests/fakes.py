@@ -20,7 +20,7 @@ from steering.engine.base import AnalysisBackend, GenerationBackend
 from steering.engine.handles import JobHandle, RequestHandle
 from steering.engine.jobs import JobContext, Work
 from steering.engine.types import EngineStats, GenerationRequest, ModelInfo, Progress, RequestMetrics, RequestOutput
-from steering.errors import EngineClosedError, InvalidRequestError, QueueFullError, UnsupportedError
+from steering.errors import EngineClosedError, QueueFullError, UnsupportedError
 from steering.inputs import Inputs
 from steering.sampling import SamplingParams, TokenLogprob
 from steering.spec import ResolvedApplication, ResolvedSteering
@@ -143,13 +143,7 @@ class FakeBackend(GenerationBackend):
         if not self.alive():
             raise EngineClosedError("the engine is not running")
         ids = request.prompt_token_ids
-        if not ids:
-            raise InvalidRequestError("the prompt is empty", param="prompt")
-        request.sampling.validate(self._info.vocab_size)
-        if len(ids) + request.sampling.max_tokens > self._info.max_model_len:
-            raise InvalidRequestError(f"this model's maximum context length is {self._info.max_model_len} tokens",
-                                      param="max_tokens")
-        resolved = self.resolve_steering(request.steering) if request.steering is not None else None
+        resolved = self.check_request(request)
         handle = RequestHandle(request, loop, on_cancel=self._wake.set, steering=resolved)
         handle.metrics = RequestMetrics(arrival_time=time.monotonic())
         with self._lock:

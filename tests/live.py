@@ -11,10 +11,10 @@ from contextlib import contextmanager
 
 import httpx
 import torch
-import uvicorn
 from prometheus_client.parser import text_string_to_metric_families
 
 from server.app import create_app
+from server.run import build_server
 from server.settings import ServerSettings
 
 
@@ -25,12 +25,15 @@ def free_port() -> int:
 
 
 @contextmanager
-def live_server(engine=None, **settings):
+def live_server(engine=None, server_out: list | None = None, **settings):
+    """Serve ``create_app(settings, engine)`` as production does (:func:`server.run.build_server`); yields (url, app).
+    ``server_out`` receives the uvicorn server (to signal it)."""
     port = free_port()
-    cfg = ServerSettings(host="127.0.0.1", port=port, **settings)
+    cfg = ServerSettings(**{"host": "127.0.0.1", "port": port, "log_level": "warning", **settings})
     app = create_app(cfg, backend=engine)
-    server = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=port, log_level="warning",
-                                           timeout_graceful_shutdown=5))
+    server = build_server(app, cfg)
+    if server_out is not None:
+        server_out.append(server)
     thread = threading.Thread(target=server.run, daemon=True)
     thread.start()
     deadline = time.time() + 30

@@ -5,16 +5,41 @@ envelope. Request models forbid unknown fields, so a misspelled option (``"steer
 from __future__ import annotations
 
 import uuid
-from typing import Annotated, Literal
+from typing import Annotated, Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, NonNegativeInt, model_validator
+from pydantic import BaseModel, ConfigDict, Field, NonNegativeInt, field_validator, model_validator
 
 from steering.spec import SteeringApplication, SteeringSpec
 from steering.vectors import SteeringVector
 
 
+def _check_text(value: Any) -> None:
+    """Text must be encodable: a lone UTF-16 surrogate (JSON "\\ud800") can be neither tokenized nor sent back."""
+    if isinstance(value, str):
+        try:
+            value.encode("utf-8")
+        except UnicodeEncodeError:
+            raise ValueError("text contains a lone UTF-16 surrogate (not valid Unicode)") from None
+    elif isinstance(value, dict):
+        for k, v in value.items():
+            _check_text(k)
+            _check_text(v)
+    elif isinstance(value, (list, tuple)):
+        for v in value:
+            if isinstance(v, (str, dict, list, tuple)):
+                _check_text(v)
+
+
 class Strict(BaseModel):
+    """A request model: unknown fields are rejected, and every text is valid Unicode."""
+
     model_config = ConfigDict(extra="forbid")
+
+    @field_validator("*", mode="after")
+    @classmethod
+    def _valid_text(cls, value: Any) -> Any:
+        _check_text(value)
+        return value
 
 
 def new_id(prefix: str) -> str:

@@ -4,21 +4,22 @@ from __future__ import annotations
 
 from typing import Annotated
 
-from fastapi import APIRouter, Body, Depends
+from fastapi import APIRouter, Body
 
-from server.deps import EvaluationsDep, require_key
+from server.deps import EvaluationsDep, GenerateKey, ReadKey
+from server.openapi import API_ERRORS, errors
 from server.protocol.evaluation import EvaluationRequest, ScorerList
 from server.protocol.vectors import JobInfo
 from server.serving.evaluation import EvaluationService
 
-router = APIRouter(prefix="/v1/evaluations", tags=["evaluation"], dependencies=[Depends(require_key)])
+router = APIRouter(prefix="/v1/evaluations", tags=["evaluation"], responses={**API_ERRORS, **errors(404)})
 
 
 @router.post("", response_model=JobInfo, status_code=202)
-async def evaluate(req: Annotated[EvaluationRequest, Body()], evaluations: EvaluationsDep) -> JobInfo:
-    return evaluations.submit(req)
+async def evaluate(req: Annotated[EvaluationRequest, Body()], evaluations: EvaluationsDep, who: GenerateKey) -> JobInfo:
+    return await evaluations.submit(req, who)
 
 
 @router.get("/scorers", response_model=ScorerList)
-async def scorers() -> ScorerList:
+async def scorers(_: ReadKey) -> ScorerList:
     return EvaluationService.scorers()

@@ -5,11 +5,12 @@ from __future__ import annotations
 
 from typing import Any
 
-from fastapi import APIRouter
+from fastapi import APIRouter, Request
 from fastapi.responses import JSONResponse, Response
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 
-from server.deps import StateDep
+from server.auth import Role
+from server.deps import StateDep, bearer, require
 from steering import __version__
 
 router = APIRouter(tags=["probes"])
@@ -44,8 +45,12 @@ async def version(state: StateDep) -> dict[str, str]:
             "transformers": transformers.__version__}
 
 
-@router.get("/metrics", response_class=Response)
-async def metrics(state: StateDep) -> Response:
+@router.get("/metrics", response_class=Response,
+            responses={200: {"content": {CONTENT_TYPE_LATEST: {"schema": {"type": "string"}}},
+                             "description": "Prometheus text exposition"}})
+async def metrics(state: StateDep, request: Request) -> Response:
+    if state.settings.metrics_require_key:
+        await require(Role.read)(state, await bearer(request))
     svc = state.services
     body = generate_latest(svc.metrics.registry) if svc else b""
     return Response(body, media_type=CONTENT_TYPE_LATEST)

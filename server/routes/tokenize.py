@@ -2,19 +2,20 @@
 
 from __future__ import annotations
 
-from fastapi import APIRouter, Depends
+from fastapi import APIRouter
 
-from server.deps import ServicesDep, require_key
+from server.deps import ReadKey, ServicesDep
+from server.openapi import API_ERRORS, errors
 from server.protocol.models import DetokenizeRequest, DetokenizeResponse, TokenizeRequest, TokenizeResponse
 
-router = APIRouter(tags=["tokenizer"], dependencies=[Depends(require_key)])
+router = APIRouter(tags=["tokenizer"], responses={**API_ERRORS, **errors(404)})
 
 
 @router.post("/tokenize", response_model=TokenizeResponse)
-async def tokenize(req: TokenizeRequest, svc: ServicesDep) -> TokenizeResponse:
-    return svc.tokenizer.tokenize(req)
+async def tokenize(req: TokenizeRequest, svc: ServicesDep, _: ReadKey) -> TokenizeResponse:
+    return await svc.tokenizer.tokenize(req)
 
 
 @router.post("/detokenize", response_model=DetokenizeResponse)
-async def detokenize(req: DetokenizeRequest, svc: ServicesDep) -> DetokenizeResponse:
+async def detokenize(req: DetokenizeRequest, svc: ServicesDep, _: ReadKey) -> DetokenizeResponse:
     return svc.tokenizer.detokenize(req)

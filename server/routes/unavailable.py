@@ -4,19 +4,19 @@ from __future__ import annotations
 
 from typing import NoReturn
 
-from fastapi import APIRouter, Depends
+from fastapi import APIRouter
 
-from server.deps import StateDep, require_key
+from server.deps import ReadKey, StateDep
 from steering.errors import UnsupportedError
 
-router = APIRouter(tags=["unavailable"], dependencies=[Depends(require_key)])
+router = APIRouter(tags=["unavailable"])
 
 PATHS = (("/v1/attributions", ["POST"]), ("/v1/attributions/methods", ["GET"]), ("/v1/evaluations", ["POST"]),
          ("/v1/evaluations/scorers", ["GET"]), ("/v1/jobs", ["GET"]), ("/v1/jobs/{job_id}", ["GET", "DELETE"]),
          ("/v1/jobs/{job_id}/cancel", ["POST"]))
 
 
-def _unavailable(state: StateDep) -> NoReturn:
+def _unavailable(state: StateDep, _: ReadKey) -> NoReturn:
     kind = state.services.backend.kind if state.services is not None else state.settings.backend
     raise UnsupportedError(f"this server's backend ({kind}) runs no analysis jobs (attribution, evaluations, "
                            "vector builds); the hf backend runs them")

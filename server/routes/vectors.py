@@ -3,14 +3,14 @@
 from __future__ import annotations
 
 import math
-from typing import Any
 
-from fastapi import APIRouter, Depends, Request
+from fastapi import APIRouter, Request
 from fastapi.responses import Response
 from pydantic import ValidationError
 
-from server.deps import ServicesDep, require_key
+from server.deps import AdminKey, GenerateKey, ReadKey, ServicesDep
 from server.errors import APIError, validation_message
+from server.openapi import API_ERRORS, errors
 from server.protocol.vectors import (
     BuilderList,
     JobInfo,
@@ -26,7 +26,7 @@ from server.serving.vectors import VectorService
 from steering.gguf_vectors import read_vector_file
 from steering.vectors import SteeringVector
 
-router = APIRouter(prefix="/v1/steering", tags=["vectors"], dependencies=[Depends(require_key)])
+router = APIRouter(prefix="/v1/steering", tags=["vectors"], responses={**API_ERRORS, **errors(404)})
 
 _FORM_FIELDS = {"name", "file", "overwrite", "description"}
 _UPLOAD_BODY = {"requestBody": {"required": True, "content": {
@@ -42,12 +42,13 @@ _UPLOAD_BODY = {"requestBody": {"required": True, "content": {
 
 
 @router.get("/vectors", response_model=VectorList)
-async def list_vectors(svc: ServicesDep) -> VectorList:
+async def list_vectors(svc: ServicesDep, _: ReadKey) -> VectorList:
     return svc.vectors.listing()
 
 
-@router.post("/vectors", response_model=VectorInfo, status_code=201, openapi_extra=_UPLOAD_BODY)
-async def upload_vector(request: Request, svc: ServicesDep) -> VectorInfo:
+@router.post("/vectors", response_model=VectorInfo, status_code=201, openapi_extra=_UPLOAD_BODY,
+             responses=errors(409))
+async def upload_vector(request: Request, svc: ServicesDep, _: AdminKey) -> VectorInfo:
     """Upload a vector as JSON (``values``: {layer: [floats]}) or as a file (multipart)."""
     if request.headers.get("content-type", "").startswith("multipart/form-data"):
         name, vec, overwrite, description = await _from_form(request)
@@ -55,8 +56,11 @@ async def upload_vector(request: Request, svc: ServicesDep) -> VectorInfo:
         try:
             payload = VectorUpload.model_validate_json(await request.body())
         except ValidationError as exc:
-            message, param = validation_message(list(exc.errors()))
-            raise APIError(400, message, param or "values") from exc
+            errors = list(exc.errors())
+            if errors and errors[0]["type"] == "json_invalid":
+                raise APIError(400, f"request body is not valid JSON: {errors[0]['msg']}") from exc
+            message, param = validation_message(errors)
+            raise APIError(400, message, param) from exc
         name, vec, overwrite, description = payload.name, payload.to_core(), payload.overwrite, payload.description
     return svc.vectors.put(name, vec, overwrite, description)
 
@@ -77,24 +81,24 @@ async def _from_form(request: Request) -> tuple[str, SteeringVector, bool, str |
 
 
 @router.get("/vectors/{name}", response_model=VectorInfo)
-async def get_vector(name: str, svc: ServicesDep) -> VectorInfo:
+async def get_vector(name: str, svc: ServicesDep, _: ReadKey) -> VectorInfo:
     return svc.vectors.get(name)
 
 
 @router.delete("/vectors/{name}", response_model=VectorDeleted)
-async def delete_vector(name: str, svc: ServicesDep) -> VectorDeleted:
+async def delete_vector(name: str, svc: ServicesDep, _: AdminKey) -> VectorDeleted:
     svc.vectors.delete(name)
     return VectorDeleted(id=name)
 
 
-@router.post("/vectors/{name}/rename", response_model=VectorInfo)
-async def rename_vector(name: str, req: VectorRename, svc: ServicesDep) -> VectorInfo:
+@router.post("/vectors/{name}/rename", response_model=VectorInfo, responses=errors(409))
+async def rename_vector(name: str, req: VectorRename, svc: ServicesDep, _: AdminKey) -> VectorInfo:
     return svc.vectors.rename(name, req)
 
 
 @router.get("/vectors/{name}/gguf", response_class=Response,
             responses={200: {"content": {"application/octet-stream": {}}, "description": "a llama.cpp control vector"}})
-async def export_vector_gguf(name: str, svc: ServicesDep, scale: float = 1.0) -> Response:
+async def export_vector_gguf(name: str, svc: ServicesDep, _: ReadKey, scale: float = 1.0) -> Response:
     if not math.isfinite(scale):
         raise APIError(400, "scale must be a finite number", "scale")
     data, dropped = svc.vectors.export_gguf(name, scale)
@@ -105,15 +109,15 @@ async def export_vector_gguf(name: str, svc: ServicesDep, scale: float = 1.0) ->
 
 
 @router.get("/methods", response_model=BuilderList)
-async def vector_methods() -> BuilderList:
+async def vector_methods(_: ReadKey) -> BuilderList:
     return VectorService.methods()
 
 
-@router.post("/vectors/build", response_model=JobInfo, status_code=202)
-async def build_vector(req: VectorBuildRequest, svc: ServicesDep) -> JobInfo:
-    return svc.vectors.build(req)
+@router.post("/vectors/build", response_model=JobInfo, status_code=202, responses=errors(409, 501))
+async def build_vector(req: VectorBuildRequest, svc: ServicesDep, who: AdminKey) -> JobInfo:
+    return await svc.vectors.build(req, who)
 
 
-@router.post("/vectors/{name}/sweep", response_model=JobInfo, status_code=202)
-async def sweep_vector(name: str, req: VectorSweepRequest, svc: ServicesDep) -> Any:
-    return svc.vectors.sweep(name, req)
+@router.post("/vectors/{name}/sweep", response_model=JobInfo, status_code=202, responses=errors(501))
+async def sweep_vector(name: str, req: VectorSweepRequest, svc: ServicesDep, who: GenerateKey) -> JobInfo:
+    return await svc.vectors.sweep(name, req, who)

@@ -14,7 +14,7 @@ from server.serving.models import ModelService
 from server.serving.submission import Submitter
 from server.serving.tokenizer import TokenizerService
 from server.serving.vectors import VectorService
-from server.settings import ServerSettings
+from server.settings import ServerSettings, request_limits
 from steering.engine.base import AnalysisBackend, GenerationBackend
 from steering.store import VectorStore
 from steering.tasks import attribution as attr
@@ -26,6 +26,7 @@ class Services:
     backend: GenerationBackend
     store: VectorStore
     metrics: Metrics
+    submitter: Submitter
     models: ModelService
     generation: GenerationService
     tokenizer: TokenizerService
@@ -45,6 +46,7 @@ def build_services(settings: ServerSettings, backend: GenerationBackend) -> Serv
     store = VectorStore(settings.vector_dir, info.identity())
     store.load_all()
     backend.use_vectors(store)
+    backend.limits = request_limits(settings)  # the server's bounds govern every request it takes
     models = ModelService(info, settings.served_model_name)
     metrics = Metrics(models.name)
     metrics.bind(backend, store)
@@ -60,8 +62,9 @@ def build_services(settings: ServerSettings, backend: GenerationBackend) -> Serv
     limits = builders.BuildLimits(max_examples=settings.build_max_examples,
                                   max_sweep_rows=settings.build_max_sweep_rows)
     return Services(
-        backend=backend, store=store, metrics=metrics, models=models,
-        generation=GenerationService(submitter, models), tokenizer=TokenizerService(backend.inputs, models),
+        backend=backend, store=store, metrics=metrics, submitter=submitter, models=models,
+        generation=GenerationService(submitter, models),
+        tokenizer=TokenizerService(backend.inputs, models, backend.limits),
         vectors=VectorService(store, backend, jobs, limits), jobs=jobs, attributions=attributions,
         evaluations=evaluations,
     )

@@ -23,6 +23,7 @@ from server.protocol.generation import chat_messages
 from server.serving.jobs import JobService
 from server.serving.models import ModelService
 from server.serving.submission import Submitter
+from server.serving.threads import prepare, tokenize
 from steering.engine.base import GenerationBackend
 from steering.engine.handles import JobHandle
 from steering.errors import InvalidRequestError, RequestFailedError
@@ -80,7 +81,9 @@ class AttributionService:
 
     async def attribute(self, req: AttributionRequest) -> AttributionResponse:
         self.models.check(req.model)
-        ids = self._prompt_ids(req)
+        texts = [req.prompt] if req.prompt is not None else [m.text() for m in req.messages or []]
+        self.backend.limits.check_text(texts, "prompt" if req.prompt is not None else "messages")
+        ids = await tokenize(self._prompt_ids, req)
         spec = req.steering.to_core() if req.steering is not None else None
         generated, gen_seconds = False, 0.0
         if req.contrast is not None:
@@ -96,7 +99,7 @@ class AttributionService:
             target = (attr.AttributionTarget.per_token if req.per_token
                       else attr.AttributionTarget.continuation)(cont)
         core = attr.AttributionRequest(ids, target, req.method, req.params, req.reduction, spec)
-        prep = attr.prepare(self.backend, core, self.limits)
+        prep = await prepare(attr.prepare, self.backend, core, self.limits)
         handle = self.jobs.start("attribution", prep.work)
         status = "error"
         try:

@@ -6,9 +6,11 @@ from __future__ import annotations
 import asyncio
 from typing import Any
 
+from server.auth import Principal
 from server.protocol.evaluation import EvaluationRequest, ScorerInfo, ScorerList, TruthfulQAEvaluation
 from server.protocol.vectors import JobInfo
 from server.serving.jobs import JobService
+from server.serving.threads import prepare
 from steering.engine.base import GenerationBackend
 from steering.store import VectorStore
 from steering.tasks import evaluation as ev
@@ -32,10 +34,12 @@ class EvaluationService:
         return ScorerList(data=[ScorerInfo(name=c.name, summary=c.summary, higher=c.higher,
                                            params=c.Params.model_json_schema()) for c in ev.SCORERS])
 
-    def submit(self, req: EvaluationRequest) -> JobInfo:
+    async def submit(self, req: EvaluationRequest, owner: Principal) -> JobInfo:
         if isinstance(req, TruthfulQAEvaluation):
-            prep = ev.prepare_truthfulqa(self.backend, req.to_core(self.store.get), max_rows=self.max_scored_rows)
-            return self.jobs.submit("evaluation_truthfulqa", prep.work, _report)
-        steer = ev.prepare_steer(self.backend, req.to_core(self.store.get), max_prompts=self.max_prompts)
+            prep = await prepare(ev.prepare_truthfulqa, self.backend, req.to_core(self.store.get),
+                                 max_rows=self.max_scored_rows)
+            return self.jobs.submit("evaluation_truthfulqa", prep.work, _report, owner)
+        steer = await prepare(ev.prepare_steer, self.backend, req.to_core(self.store.get),
+                              max_prompts=self.max_prompts)
         handle = ev.start_steer(self.backend, steer, loop=asyncio.get_running_loop())
-        return self.jobs.track("evaluation_steer", handle, _report)
+        return self.jobs.track("evaluation_steer", handle, _report, owner)

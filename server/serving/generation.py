@@ -27,6 +27,7 @@ from server.protocol.generation import (
 from server.serving.logprobs import chat_logprobs, completion_logprobs
 from server.serving.models import ModelService
 from server.serving.submission import Submitted, Submitter
+from server.serving.threads import tokenize
 from server.streaming import DONE, error_event, sse
 from steering.errors import InvalidRequestError
 
@@ -42,6 +43,7 @@ class GenerationService:
         self.submitter = submitter
         self.models = models
         self.inputs = submitter.backend.inputs
+        self.limits = submitter.backend.limits
 
     def _remaining(self, prompt_len: int, param: str) -> int:
         limit = self.models.max_model_len
@@ -51,9 +53,11 @@ class GenerationService:
         return limit - prompt_len
 
     # -- chat ----------------------------------------------------------------------------------------------------
-    def prepare_chat(self, req: ChatCompletionRequest) -> Submitted:
+    async def prepare_chat(self, req: ChatCompletionRequest) -> Submitted:
         self.models.check(req.model)
-        ids = self.inputs.encode_chat(chat_messages(req.messages))
+        messages = chat_messages(req.messages)
+        self.limits.check_text([m["content"] for m in messages], "messages")
+        ids = await tokenize(self.inputs.encode_chat, messages)
         remaining = self._remaining(len(ids), "messages")
         max_tokens = req.requested_max_tokens()
         sampling = req.to_sampling(max_tokens if max_tokens is not None else remaining, req.logprobs,
@@ -61,7 +65,7 @@ class GenerationService:
         return self.submitter.submit(ids, sampling, req.steering_spec())
 
     async def chat(self, req: ChatCompletionRequest) -> ChatCompletionResponse:
-        sub = self.prepare_chat(req)
+        sub = await self.prepare_chat(req)
         results = await self.submitter.collect(sub)
         choices, completion = [], 0
         for i, outs in enumerate(results):
@@ -76,9 +80,9 @@ class GenerationService:
         return ChatCompletionResponse(id=new_id("chatcmpl"), model=self.models.name, choices=choices,
                                       usage=_usage(sub, completion), steering=sub.applied())
 
-    def stream_chat(self, req: ChatCompletionRequest) -> AsyncIterator[str]:
-        """Submit now (errors raise here), then stream the events."""
-        return self._chat_events(req, self.prepare_chat(req))
+    async def stream_chat(self, req: ChatCompletionRequest) -> AsyncIterator[str]:
+        """Submit now (errors raise here, before the response starts), then stream the events."""
+        return self._chat_events(req, await self.prepare_chat(req))
 
     async def _chat_events(self, req: ChatCompletionRequest, sub: Submitted) -> AsyncIterator[str]:
         base = dict(id=new_id("chatcmpl"), created=int(time.time()), model=self.models.name)
@@ -89,8 +93,9 @@ class GenerationService:
             yield sse(first.model_dump(exclude_none=True))
         completion = 0
         async for i, out in self.submitter.merge(sub):
-            if out.error is not None and out.finish_reason == "error":
-                yield error_event(str(out.error))
+            error = self.submitter.stop_error(out)
+            if error is not None:
+                yield error_event(error)
                 break
             if not out.text and not out.finished and not (req.logprobs and out.logprobs):
                 continue
@@ -112,9 +117,13 @@ class GenerationService:
         yield DONE
 
     # -- completions ---------------------------------------------------------------------------------------------
-    def prepare_completion(self, req: CompletionRequest) -> Submitted:
+    async def prepare_completion(self, req: CompletionRequest) -> Submitted:
         self.models.check(req.model)
-        ids = self.inputs.encode_text(req.prompt) if isinstance(req.prompt, str) else list(req.prompt)
+        if isinstance(req.prompt, str):
+            self.limits.check_text([req.prompt], "prompt")
+            ids = await tokenize(self.inputs.encode_text, req.prompt)
+        else:
+            ids = list(req.prompt)
         if not ids:
             raise InvalidRequestError("the prompt is empty", param="prompt")
         max_tokens = req.max_tokens if req.max_tokens is not None else \
@@ -123,7 +132,7 @@ class GenerationService:
         return self.submitter.submit(ids, sampling, req.steering_spec())
 
     async def complete(self, req: CompletionRequest) -> CompletionResponse:
-        sub = self.prepare_completion(req)
+        sub = await self.prepare_completion(req)
         results = await self.submitter.collect(sub)
         choices, completion = [], 0
         for i, outs in enumerate(results):
@@ -138,16 +147,17 @@ class GenerationService:
         return CompletionResponse(id=new_id("cmpl"), model=self.models.name, choices=choices,
                                   usage=_usage(sub, completion), steering=sub.applied())
 
-    def stream_completion(self, req: CompletionRequest) -> AsyncIterator[str]:
-        return self._completion_events(req, self.prepare_completion(req))
+    async def stream_completion(self, req: CompletionRequest) -> AsyncIterator[str]:
+        return self._completion_events(req, await self.prepare_completion(req))
 
     async def _completion_events(self, req: CompletionRequest, sub: Submitted) -> AsyncIterator[str]:
         base = dict(id=new_id("cmpl"), created=int(time.time()), model=self.models.name)
         applied = sub.applied()
         completion, offsets, sent_steering = 0, [0] * len(sub.handles), False
         async for i, out in self.submitter.merge(sub):
-            if out.error is not None and out.finish_reason == "error":
-                yield error_event(str(out.error))
+            error = self.submitter.stop_error(out)
+            if error is not None:
+                yield error_event(error)
                 break
             if not out.text and not out.finished and not (req.logprobs is not None and out.logprobs):
                 continue

@@ -13,6 +13,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
+from server.auth import Principal
 from server.errors import as_api_error
 from server.metrics import Metrics
 from server.protocol.vectors import JobError, JobInfo, JobList
@@ -31,6 +32,7 @@ class _JobRecord:
     type: str
     created: float
     status: str = "running"
+    owner: str = "anonymous"
     result: dict[str, Any] | None = None
     error: JobError | None = None
     finished_at: float | None = None
@@ -52,14 +54,15 @@ class JobService:
             self.metrics.rejected(rejection_reason(exc))
             raise
 
-    def submit(self, type_: str, work: Work[Any], finish: Finish) -> JobInfo:
-        """Run ``work`` as a job; ``finish(result) -> dict`` turns the core result into the job's JSON result
-        (and may save it)."""
-        return self.track(type_, self.start(type_, work), finish)
+    def submit(self, type_: str, work: Work[Any], finish: Finish, owner: Principal) -> JobInfo:
+        """Run ``work`` as a job of ``owner``; ``finish(result) -> dict`` turns the core result into the job's JSON
+        result (and may save it)."""
+        return self.track(type_, self.start(type_, work), finish, owner)
 
-    def track(self, type_: str, handle: JobHandle[Any], finish: Finish) -> JobInfo:
-        """Track a job started elsewhere (a thread job, :func:`steering.engine.jobs.start_thread_job`)."""
-        rec = _JobRecord(handle, type_, time.time())
+    def track(self, type_: str, handle: JobHandle[Any], finish: Finish, owner: Principal) -> JobInfo:
+        """Track a job started elsewhere (a thread job, :func:`steering.engine.jobs.start_thread_job`). Only its
+        owner (or an admin) sees it."""
+        rec = _JobRecord(handle, type_, time.time(), owner=owner.name)
         self._jobs[handle.job_id] = rec
         rec.task = asyncio.ensure_future(self._finish(rec, finish))
         self._prune()
@@ -86,9 +89,9 @@ class JobService:
         for k in done[: max(0, len(done) - self.keep)]:
             del self._jobs[k]
 
-    def _get(self, job_id: str) -> _JobRecord:
+    def _get(self, job_id: str, who: Principal) -> _JobRecord:
         rec = self._jobs.get(job_id)
-        if rec is None:
+        if rec is None or not who.owns(rec.owner):  # someone else's job does not exist for this caller
             raise NotFoundError(f"job {job_id!r} not found", param="job_id")
         return rec
 
@@ -112,13 +115,13 @@ class JobService:
                        finished_at=None if rec.finished_at is None else int(rec.finished_at),
                        compute_seconds=round(m.compute_seconds, 3), result=rec.result, error=rec.error)
 
-    def get(self, job_id: str) -> JobInfo:
-        return self.info(self._get(job_id))
+    def get(self, job_id: str, who: Principal) -> JobInfo:
+        return self.info(self._get(job_id, who))
 
-    def listing(self) -> JobList:
-        return JobList(data=[self.info(r) for r in self._jobs.values()])
+    def listing(self, who: Principal) -> JobList:
+        return JobList(data=[self.info(r) for r in self._jobs.values() if who.owns(r.owner)])
 
-    def cancel(self, job_id: str) -> JobInfo:
-        rec = self._get(job_id)
+    def cancel(self, job_id: str, who: Principal) -> JobInfo:
+        rec = self._get(job_id, who)
         rec.handle.cancel()
         return self.info(rec)

@@ -12,7 +12,13 @@ from server.protocol.common import AppliedSteering
 from steering.engine.base import GenerationBackend
 from steering.engine.handles import RequestHandle
 from steering.engine.types import GenerationRequest, RequestOutput
-from steering.errors import EngineClosedError, QueueFullError, RequestFailedError, SteeringError
+from steering.errors import (
+    EngineClosedError,
+    InvalidRequestError,
+    QueueFullError,
+    RequestFailedError,
+    SteeringError,
+)
 from steering.sampling import SamplingParams
 from steering.spec import ResolvedSteering, SteeringSpec
 
@@ -44,11 +50,35 @@ class Submitter:
     def __init__(self, backend: GenerationBackend, metrics: Metrics) -> None:
         self.backend = backend
         self.metrics = metrics
+        self.live: set[RequestHandle] = set()
+        """Requests submitted and not yet finished."""
+        self.stopped: str | None = None
+        """Why the server stopped the live requests (it is shutting down), once it has."""
+
+    def stop_all(self, reason: str) -> None:
+        """Cancel every live request; their streams end with an error saying ``reason``."""
+        self.stopped = reason
+        for h in list(self.live):
+            h.cancel()
+
+    def stop_error(self, out: RequestOutput) -> SteeringError | None:
+        """The error a request ends with: its own, or the server's when the server stopped it."""
+        if out.finish_reason == "error":
+            return out.error if isinstance(out.error, SteeringError) else \
+                RequestFailedError(f"generation failed: {out.error}")
+        if out.finish_reason == "abort" and self.stopped is not None:
+            return EngineClosedError(self.stopped)
+        return None
 
     def submit(self, prompt_ids: list[int], sampling: Sequence[SamplingParams],
                steering: SteeringSpec | None) -> Submitted:
         """Submit one request per sampling (the ``n`` choices); all or none are accepted."""
         loop = asyncio.get_running_loop()
+        room = self.backend.stats().max_waiting
+        if len(sampling) > room:
+            self.metrics.rejected("invalid_request")
+            raise InvalidRequestError(f"n={len(sampling)} choices can never be queued here: this server queues at "
+                                      f"most {room} requests", param="n")
         handles: list[RequestHandle] = []
         try:
             for sp in sampling:
@@ -58,6 +88,7 @@ class Submitter:
                 h.cancel()
             self.metrics.rejected(rejection_reason(exc))
             raise
+        self.live.update(handles)
         resolved = handles[0].steering
         if resolved is not None:
             for app in resolved.applications:
@@ -81,6 +112,7 @@ class Submitter:
                     self.metrics.finished(out.finish_reason, out.num_prompt_tokens, generated, out.metrics)
                 yield out
         finally:
+            self.live.discard(handle)
             if not finished:
                 handle.cancel()
                 self.metrics.finished("abort", len(handle.request.prompt_token_ids), generated, handle.metrics)
@@ -125,7 +157,7 @@ class Submitter:
         async for i, out in self.merge(sub):
             results[i].append(out)
         for outs in results:
-            last = outs[-1]
-            if last.finish_reason == "error":
-                raise RequestFailedError(f"generation failed: {last.error}")
+            error = self.stop_error(outs[-1])
+            if error is not None:
+                raise error
         return results

@@ -5,21 +5,27 @@ from __future__ import annotations
 from server.protocol.generation import chat_messages
 from server.protocol.models import DetokenizeRequest, DetokenizeResponse, TokenizeRequest, TokenizeResponse
 from server.serving.models import ModelService
+from server.serving.threads import tokenize
 from steering.errors import InvalidRequestError
 from steering.inputs import Inputs
+from steering.limits import RequestLimits
 
 
 class TokenizerService:
-    def __init__(self, inputs: Inputs, models: ModelService) -> None:
+    def __init__(self, inputs: Inputs, models: ModelService, limits: RequestLimits) -> None:
         self.inputs = inputs
         self.models = models
+        self.limits = limits
 
-    def tokenize(self, req: TokenizeRequest) -> TokenizeResponse:
+    async def tokenize(self, req: TokenizeRequest) -> TokenizeResponse:
         self.models.check(req.model)
         if req.prompt is not None:
-            ids = self.inputs.encode_text(req.prompt, add_special_tokens=req.add_special_tokens)
+            self.limits.check_text([req.prompt], "prompt")
+            ids = await tokenize(self.inputs.encode_text, req.prompt, add_special_tokens=req.add_special_tokens)
         else:
-            ids = self.inputs.encode_chat(chat_messages(req.messages or []), req.add_generation_prompt)
+            messages = chat_messages(req.messages or [])
+            self.limits.check_text([m["content"] for m in messages], "messages")
+            ids = await tokenize(self.inputs.encode_chat, messages, req.add_generation_prompt)
         return TokenizeResponse(count=len(ids), max_model_len=self.models.max_model_len, tokens=ids,
                                 token_strs=self.inputs.token_strings(ids))
 

@@ -8,6 +8,7 @@ from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
+from server.auth import Principal
 from server.protocol.vectors import (
     BuilderInfo,
     BuilderList,
@@ -20,6 +21,7 @@ from server.protocol.vectors import (
     examples,
 )
 from server.serving.jobs import JobService
+from server.serving.threads import prepare
 from steering.engine.base import ModelFront
 from steering.errors import UnsupportedError
 from steering.gguf_vectors import export_for_llama_cpp
@@ -28,9 +30,9 @@ from steering.tasks import builders
 from steering.vectors import SteeringVector
 
 
-def vector_info(vec: SteeringVector) -> VectorInfo:
-    return VectorInfo(name=vec.name or "", layers=vec.layers, hidden_size=vec.hidden_size,
-                      norms={layer: float(v.norm()) for layer, v in sorted(vec.values.items())},
+def vector_info(store: VectorStore, vec: SteeringVector) -> VectorInfo:
+    name = vec.name or ""
+    return VectorInfo(name=name, layers=vec.layers, hidden_size=vec.hidden_size, norms=store.norms(name),
                       metadata=vec.metadata)
 
 
@@ -44,22 +46,22 @@ class VectorService:
         self.limits = limits
 
     def listing(self) -> VectorList:
-        return VectorList(data=[vector_info(self.store.get(n)) for n in self.store.names()])
+        return VectorList(data=[vector_info(self.store, self.store.get(n)) for n in self.store.names()])
 
     def get(self, name: str) -> VectorInfo:
-        return vector_info(self.store.get(name))
+        return vector_info(self.store, self.store.get(name))
 
     def put(self, name: str, vec: SteeringVector, overwrite: bool, description: str | None) -> VectorInfo:
         meta = {"source": "upload", **vec.metadata}
         if description:
             meta["description"] = description
-        return vector_info(self.store.put(name, replace(vec, metadata=meta), overwrite=overwrite))
+        return vector_info(self.store, self.store.put(name, replace(vec, metadata=meta), overwrite=overwrite))
 
     def delete(self, name: str) -> None:
         self.store.delete(name)
 
     def rename(self, name: str, req: VectorRename) -> VectorInfo:
-        return vector_info(self.store.rename(name, req.new_name, req.overwrite))
+        return vector_info(self.store, self.store.rename(name, req.new_name, req.overwrite))
 
     def export_gguf(self, name: str, scale: float) -> tuple[bytes, list[int]]:
         """The vector as a llama.cpp control vector, and the layers left out."""
@@ -79,28 +81,28 @@ class VectorService:
             raise UnsupportedError("this server's backend cannot build or sweep vectors (it runs no analysis jobs)")
         return self.jobs
 
-    def build(self, req: VectorBuildRequest) -> JobInfo:
+    async def build(self, req: VectorBuildRequest, owner: Principal) -> JobInfo:
         jobs = self._jobs()
         check_name(req.name)
         if req.name in self.store and not req.overwrite:  # checked again when the result is saved
             raise VectorExistsError(f"steering vector {req.name!r} already exists (set overwrite to replace it)",
                                     param="name")
-        prep = builders.prepare_build(self.model, req.to_core(), self.limits)
+        prep = await prepare(builders.prepare_build, self.model, req.to_core(), self.limits)
 
         def finish(result: builders.BuildResult) -> dict[str, Any]:
             meta = {**result.vector.metadata, "source": "build"}
             if req.description:
                 meta["description"] = req.description
             saved = self.store.put(req.name, replace(result.vector, metadata=meta), overwrite=req.overwrite)
-            return {"vector": vector_info(saved).model_dump(),
+            return {"vector": vector_info(self.store, saved).model_dump(),
                     "sweep": result.sweep.as_dict() if result.sweep else None,
                     "seconds": round(result.seconds, 3)}
 
-        return jobs.submit("vector_build", prep.work, finish)
+        return jobs.submit("vector_build", prep.work, finish, owner)
 
-    def sweep(self, name: str, req: VectorSweepRequest) -> JobInfo:
+    async def sweep(self, name: str, req: VectorSweepRequest, owner: Principal) -> JobInfo:
         jobs = self._jobs()
         vec = self.store.get(name)
-        work = builders.prepare_sweep(self.model, vec, examples(req.examples), req.sweep.to_core(), req.params,
-                                      self.limits)
-        return jobs.submit("vector_sweep", work, lambda res: res.as_dict())
+        work = await prepare(builders.prepare_sweep, self.model, vec, examples(req.examples), req.sweep.to_core(),
+                             req.params, self.limits)
+        return jobs.submit("vector_sweep", work, lambda res: res.as_dict(), owner)

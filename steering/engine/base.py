@@ -19,7 +19,9 @@ from typing import TYPE_CHECKING, Any, Protocol, TypeVar
 
 from steering.engine.handles import JobHandle, RequestHandle
 from steering.engine.types import EngineStats, GenerationRequest, GenerationResult, ModelInfo
+from steering.errors import InvalidRequestError
 from steering.inputs import Inputs
+from steering.limits import RequestLimits
 from steering.sampling import SamplingParams
 from steering.spec import ResolvedSteering, SteeringSpec, resolve
 
@@ -48,6 +50,8 @@ class GenerationBackend(ABC):
     """Short name of the implementation ("hf", "vllm", ...), for logs and /version."""
     vectors: VectorStore | None = None
     """Where named vectors are looked up (None: only inline vectors)."""
+    limits: RequestLimits = RequestLimits()
+    """Bounds on one request's work (stop strings...), checked by :meth:`check_request`."""
 
     @property
     @abstractmethod
@@ -71,6 +75,26 @@ class GenerationBackend(ABC):
         lookup = self.vectors.get if self.vectors is not None else None
         return resolve(spec, hidden_size=info.hidden_size, num_layers=info.num_layers,
                        max_len=info.max_model_len, lookup=lookup, param=param)
+
+    def check_request(self, request: GenerationRequest) -> ResolvedSteering | None:
+        """What every backend checks before accepting a request: the prompt's token ids, the sampling parameters
+        and their bounds, the total length, and the steering (resolved here, once)."""
+        info = self.info
+        ids = request.prompt_token_ids
+        if not ids:
+            raise InvalidRequestError("the prompt is empty", param="prompt")
+        vocab = info.vocab_size
+        if any(not isinstance(t, int) or isinstance(t, bool) or not 0 <= t < vocab for t in ids):
+            raise InvalidRequestError(f"prompt token ids must be in [0, {vocab})", param="prompt")
+        sp = request.sampling
+        sp.validate(vocab)
+        self.limits.check_stops(sp.stop, sp.stop_token_ids)
+        total = len(ids) + sp.max_tokens
+        if total > info.max_model_len:
+            raise InvalidRequestError(
+                f"this model's maximum context length is {info.max_model_len} tokens; the request needs {total} "
+                f"({len(ids)} in the prompt, {sp.max_tokens} for the completion)", param="max_tokens")
+        return self.resolve_steering(request.steering) if request.steering is not None else None
 
     @abstractmethod
     def submit(self, request: GenerationRequest, loop: asyncio.AbstractEventLoop | None = None) -> RequestHandle:

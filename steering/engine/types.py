@@ -58,6 +58,9 @@ class GenerationRequest:
     sampling: SamplingParams = field(default_factory=SamplingParams)
     steering: SteeringSpec | None = None
     request_id: str = field(default_factory=lambda: f"req-{uuid.uuid4().hex}")
+    priority: int = 0
+    """0 for interactive requests; above 0 for background work (an evaluation's generations), which a backend
+    may hold to a share of its batch so that interactive requests keep flowing."""
 
 
 @dataclass

@@ -71,3 +71,34 @@ def test_killed_write_leaves_the_registry_intact(tmp_path):
         assert check.load_all() == 1 and not check.skipped
         v = check.get("v")
         assert len(v.layers) == 64 and float(v.values[63][0]) in (1.0, 2.0)
+
+
+def test_start_up_hygiene(tmp_path, monkeypatch):
+    """Stale temporary files of interrupted writes are removed, symlinks out of the directory refused, and the
+    listing does not recompute norms."""
+    import steering.store as store_mod
+
+    outside = tmp_path / "outside"
+    root = tmp_path / "vectors"
+    store = VectorStore(root, ModelIdentity("m", 8, 4))
+    store.load_all()
+    store.put("a", SteeringVector({0: torch.ones(8)}))
+    SteeringVector({0: torch.ones(8)}).save(outside / "x.safetensors")
+    (root / "evil.safetensors").symlink_to(outside / "x.safetensors")
+    (root / "inside.safetensors").symlink_to(root / "a.safetensors")
+    stale, fresh = root / ".a.safetensors.old.tmp", root / ".a.safetensors.new.tmp"
+    stale.write_bytes(b"half")
+    fresh.write_bytes(b"being written")
+    old = time.time() - store_mod.STALE_TMP_SECONDS - 10
+    os.utime(stale, (old, old))
+    again = VectorStore(root, ModelIdentity("m", 8, 4))
+    assert again.load_all() == 2 and sorted(again.names()) == ["a", "inside"]
+    assert "symlink out of the vector directory" in again.skipped["evil.safetensors"]
+    assert not stale.exists() and fresh.exists()  # a write still in flight is left alone
+    calls = []
+    monkeypatch.setattr(store_mod, "_norms", lambda v: calls.append(v) or {})
+    for _ in range(3):
+        assert again.norms("a") == {0: pytest.approx(8 ** 0.5)}
+    assert calls == []
+    with pytest.raises(Exception, match="vector name"):
+        again.put("trailing\n", SteeringVector({0: torch.ones(8)}))

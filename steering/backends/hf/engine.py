@@ -40,8 +40,9 @@ from steering.engine.base import AnalysisBackend, GenerationBackend
 from steering.engine.handles import JobHandle, RequestHandle
 from steering.engine.jobs import Work
 from steering.engine.types import EngineStats, GenerationRequest, ModelInfo
-from steering.errors import EngineClosedError, InvalidRequestError, RequestFailedError
+from steering.errors import EngineClosedError, RequestFailedError, SteeringOverflowError
 from steering.inputs import Inputs
+from steering.limits import RequestLimits
 from steering.store import VectorStore
 
 log = logging.getLogger(__name__)
@@ -65,6 +66,9 @@ class EngineConfig:
     job_chunk_tokens: int = 2048
     """Token budget of one job chunk (rows x length of one forward and its backward); generation waits at
     most one chunk for a job."""
+    background_share: float = 0.5
+    """Of the batch slots, the most that background requests (priority above 0, such as an evaluation's
+    generations) may hold."""
 
 
 class HFEngine(GenerationBackend, AnalysisBackend):
@@ -73,18 +77,20 @@ class HFEngine(GenerationBackend, AnalysisBackend):
     kind = "hf"
 
     def __init__(self, lm: LoadedModel, config: EngineConfig | None = None,
-                 vectors: VectorStore | None = None) -> None:
+                 vectors: VectorStore | None = None, limits: RequestLimits | None = None) -> None:
         self.lm = lm
         self.config = cfg = config or EngineConfig()
         if cfg.max_batch_size < 1 or cfg.max_queue_size < 1:
             raise ValueError("max_batch_size and max_queue_size must be >= 1")
         self.max_model_len = min(cfg.max_model_len or min(lm.max_model_len, 8192), lm.max_model_len)
         self.vectors = vectors
+        self.limits = limits or RequestLimits()
         self._info = replace(lm.info, max_model_len=self.max_model_len)
         cache = (SlotKVCache(lm.num_layers, cfg.max_batch_size, self.max_model_len, cfg.kv_initial_capacity)
                  if cfg.use_kv_cache else None)
         self.runner = ModelRunner(lm, cache)
-        self.scheduler = Scheduler(cfg.max_batch_size, cfg.max_queue_size, cfg.max_jobs)
+        self.scheduler = Scheduler(cfg.max_batch_size, cfg.max_queue_size, cfg.max_jobs,
+                                   int(cfg.background_share * cfg.max_batch_size))
         self._stop = False
         self._dead: BaseException | None = None
         self._thread = threading.Thread(target=self._run, name="steerserve-engine", daemon=True)
@@ -126,27 +132,9 @@ class HFEngine(GenerationBackend, AnalysisBackend):
             time.sleep(0.02)
         return True
 
-    def check(self, request: GenerationRequest) -> None:
-        """Check a request's prompt and sampling against the model (its steering is resolved in submit)."""
-        ids = request.prompt_token_ids
-        if not ids:
-            raise InvalidRequestError("the prompt is empty", param="prompt")
-        vocab = self.lm.vocab_size
-        if any(not isinstance(t, int) or not 0 <= t < vocab for t in ids):
-            raise InvalidRequestError(f"prompt token ids must be in [0, {vocab})", param="prompt")
-        sp = request.sampling
-        sp.validate(vocab)
-        total = len(ids) + sp.max_tokens
-        if total > self.max_model_len:
-            raise InvalidRequestError(
-                f"this model's maximum context length is {self.max_model_len} tokens; the request needs {total} "
-                f"({len(ids)} in the prompt, {sp.max_tokens} for the completion)", param="max_tokens",
-            )
-
     def submit(self, request: GenerationRequest, loop: asyncio.AbstractEventLoop | None = None) -> RequestHandle:
         self._check_open()
-        self.check(request)
-        resolved = self.resolve_steering(request.steering) if request.steering is not None else None
+        resolved = self.check_request(request)
         apps = self.runner.device_steering(resolved.applications) if resolved is not None else []
         handle = RequestHandle(request, loop, on_cancel=self.scheduler.wake, steering=resolved)
         seq = Sequence(request, handle, apps, self.lm.tokenizer, self.lm.eos_token_ids, self.lm.device)
@@ -237,13 +225,28 @@ class HFEngine(GenerationBackend, AnalysisBackend):
         start = len(s.running)
         try:
             logits = self._whole(batch, prefill=True)
-        except Exception as exc:  # noqa: BLE001
-            log.exception("prefill failed")
+        except Exception as exc:  # noqa: BLE001 - find the request that failed; the others go on
+            if len(batch) == 1:
+                log.exception("prefill failed")
+                batch[0].finish("error", error=RequestFailedError(f"prefill failed: {exc}"))
+                return
+            log.warning("prefill of %d requests failed (%s); prefilling them one at a time", len(batch), exc)
             for seq in batch:
-                seq.finish("error", error=RequestFailedError(f"prefill failed: {exc}"))
+                self._prefill_alone(seq)
             return
         s.running.extend(batch)
         self._sample_and_emit(list(range(start, start + len(batch))), logits)
+
+    def _prefill_alone(self, seq: Sequence) -> None:
+        running = self.scheduler.running
+        try:
+            logits = self._whole([seq], prefill=True)
+        except Exception as exc:  # noqa: BLE001
+            log.exception("prefill failed")
+            seq.finish("error", error=RequestFailedError(f"prefill failed: {exc}"))
+            return
+        running.append(seq)
+        self._sample_and_emit([len(running) - 1], logits)
 
     def _decode(self) -> None:
         dev = self.lm.device
@@ -290,9 +293,21 @@ class HFEngine(GenerationBackend, AnalysisBackend):
 
     def _sample_and_emit(self, rows: list[int], logits: torch.Tensor) -> None:
         seqs = [self.scheduler.running[i] for i in rows]
-        results = sample(logits, [s.sampling() for s in seqs])
-        now = time.monotonic()
+        finite = torch.isfinite(logits).all(dim=-1).tolist()
         done: list[int] = []
+        if not all(finite):  # a row's steering overflowed: that row fails alone, the others sample as usual
+            for row, seq, ok in zip(rows, seqs, finite, strict=True):
+                if not ok:
+                    seq.finish("error", error=SteeringOverflowError(
+                        "the steering drove this request's hidden states to Inf/NaN; use a smaller scale",
+                        param="steering"))
+                    if self.runner.cache is not None:
+                        self.runner.cache.clear_slot(row)
+                    done.append(row)
+            keep = [i for i, ok in enumerate(finite) if ok]
+            rows, seqs, logits = [rows[i] for i in keep], [seqs[i] for i in keep], logits[keep]
+        results = sample(logits, [s.sampling() for s in seqs]) if seqs else []
+        now = time.monotonic()
         for row, seq, res in zip(rows, seqs, results, strict=True):
             if isinstance(res, Exception):
                 seq.finish("error", error=RequestFailedError(f"sampling failed: {res}"))

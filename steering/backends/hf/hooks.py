@@ -20,6 +20,7 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
+from steering.errors import SteeringOverflowError
 from steering.spec import Positions, ResolvedApplication
 
 
@@ -35,9 +36,19 @@ class DeviceApplication:
 
 def to_device(apps: Sequence[ResolvedApplication], device: torch.device,
               dtype: torch.dtype) -> list[DeviceApplication]:
-    """The applications that act (scale 0 is exactly unsteered), their values moved to ``device``."""
-    return [DeviceApplication({layer: v.to(device=device, dtype=dtype) for layer, v in a.values.items()},
-                              a.scale, a.positions, a.normalize) for a in apps if a.scale != 0]
+    """The applications that act (scale 0 is exactly unsteered), their values moved to ``device``. A scaled vector
+    that is not finite in the model's dtype (a scale of 1e38 in bfloat16) is refused here, before it runs."""
+    out = []
+    for i, a in enumerate(apps):
+        if a.scale == 0:
+            continue
+        values = {layer: v.to(device=device, dtype=dtype) for layer, v in a.values.items()}
+        scale = torch.tensor(a.scale, dtype=dtype, device=device)
+        if not bool(torch.isfinite(scale)) or any(not bool(torch.isfinite(v * scale).all()) for v in values.values()):
+            raise SteeringOverflowError(f"steering.vectors[{i}]: scale x vector overflows {str(dtype)[6:]}; use a "
+                                        "smaller scale", param=f"steering.vectors[{i}].scale")
+        out.append(DeviceApplication(values, a.scale, a.positions, a.normalize))
+    return out
 
 
 @dataclass

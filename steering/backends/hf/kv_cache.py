@@ -70,6 +70,14 @@ class SlotKVCache(Cache):
                     store[i] = grown
         self.capacity = new_cap
 
+    def clear_slot(self, slot: int) -> None:
+        """Zero a slot: a row whose states went non-finite must not leave NaN/Inf keys behind, because masked
+        positions still enter attention (NaN plus a large negative mask is NaN) for the row that gets the slot."""
+        for store in (self.keys, self.values):
+            for t in store:
+                if t is not None:
+                    t[slot].zero_()
+
     def move_slot(self, src: int, dst: int, length: int) -> None:
         """Copy slot ``src``'s first ``length`` positions into slot ``dst`` (compaction after a finish)."""
         for store in (self.keys, self.values):

@@ -20,8 +20,11 @@ _WAKE = object()
 
 
 class Scheduler:
-    def __init__(self, max_batch_size: int, max_queue_size: int, max_jobs: int) -> None:
+    def __init__(self, max_batch_size: int, max_queue_size: int, max_jobs: int,
+                 max_background: int | None = None) -> None:
         self.max_batch_size = max_batch_size
+        self.max_background = max_batch_size if max_background is None else max(1, max_background)
+        """Most running rows of background requests (priority above 0)."""
         self.max_queue_size = max_queue_size
         self.max_jobs = max_jobs
         self._inbox: queue.Queue[Any] = queue.Queue()
@@ -90,17 +93,25 @@ class Scheduler:
 
     def admit(self, token_budget: int | None) -> list[Sequence]:
         """Waiting requests for the free slots, in arrival order, within ``token_budget`` padded prompt tokens
-        (at least one is always admitted)."""
+        (at least one is always admitted). Background requests beyond their share of the batch wait, and the
+        interactive requests behind them go first."""
         limit = self.max_batch_size - len(self.running)
+        background = sum(1 for s in self.running if s.req.priority > 0)
         batch: list[Sequence] = []
+        held: list[Sequence] = []
         longest = 0
         while self.waiting and len(batch) < limit:
             nxt = self.waiting[0]
+            if nxt.req.priority > 0 and background >= self.max_background:
+                held.append(self.waiting.popleft())
+                continue
             new_longest = max(longest, nxt.length)
             if batch and token_budget is not None and new_longest * (len(batch) + 1) > token_budget:
                 break
             batch.append(self.waiting.popleft())
+            background += nxt.req.priority > 0
             longest = new_longest
+        self.waiting.extendleft(reversed(held))
         if batch:
             now = time.monotonic()
             with self._lock:

@@ -137,7 +137,8 @@ class _Runner:
             nxt = 0
             while nxt < n or inflight:
                 while nxt < n and len(inflight) < window:
-                    gr = GenerationRequest(list(prep.prompt_ids[nxt]), sampling(req, nxt), cond.spec)
+                    gr = GenerationRequest(list(prep.prompt_ids[nxt]), sampling(req, nxt), cond.spec,
+                                           priority=1)  # background: interactive requests keep their share
                     inflight.append((nxt, self._submit(handle, gr)))
                     nxt += 1
                 i, h = inflight.pop(0)

@@ -17,6 +17,7 @@ from __future__ import annotations
 import hashlib
 import json
 import math
+import string
 from collections.abc import Sequence
 from dataclasses import asdict, dataclass
 
@@ -50,16 +51,19 @@ class EncodedQuestion:
 
 
 def check_format(fmt: QAFormat) -> None:
+    """The prompt format, and a template whose only field is a bare ``{question}`` (no conversion or format
+    spec: ``{question:>99999999}`` would pad every prompt to a hundred million characters)."""
     if fmt.prompt_format not in ("raw", "chat"):
         raise InvalidRequestError(f"prompt_format must be raw or chat, not {fmt.prompt_format!r}",
-                                     param="prompt_format")
+                                  param="prompt_format")
     try:
-        fmt.template.format(question="?")
-    except (KeyError, IndexError, ValueError) as exc:
-        raise InvalidRequestError(f"the template must contain {{question}} and no other field ({exc!r})",
-                                     param="template") from None
-    if "{question}" not in fmt.template:
-        raise InvalidRequestError("the template must contain {question}", param="template")
+        fields = [(name, spec, conv) for _, name, spec, conv in string.Formatter().parse(fmt.template)
+                  if name is not None]
+    except ValueError as exc:
+        raise InvalidRequestError(f"the template is not a valid format string ({exc})", param="template") from None
+    if not fields or any(f != ("question", "", None) for f in fields):
+        raise InvalidRequestError("the template must contain {question} and no other field, conversion or format "
+                                  "spec", param="template")
 
 
 def true_answers(item: TruthfulQAItem) -> list[str]:

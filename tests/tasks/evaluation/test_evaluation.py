@@ -104,6 +104,8 @@ def test_chat_format_and_template_checks(tiny_lm, items):
         encode_questions(tiny_lm, items, QAFormat("no field"))
     with pytest.raises(InvalidRequestError, match="no other field"):
         encode_questions(tiny_lm, items, QAFormat("{question} {other}"))
+    with pytest.raises(InvalidRequestError, match="format spec"):  # would pad every prompt to 10^8 characters
+        encode_questions(tiny_lm, items, QAFormat("{question:>99999999}"))
     with pytest.raises(InvalidRequestError, match="no questions"):
         evaluate_truthfulqa(tiny_lm, TruthfulQARequest([], []))
 
