@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 import logging
+import re
 from typing import Any
 
 from fastapi import FastAPI, Request
@@ -86,11 +87,16 @@ def as_api_error(exc: SteeringError, retry_after: int = 1) -> APIError:
     return APIError(status, exc.message, exc.param, headers=headers)
 
 
+_UNION_TAG = re.compile(r"^(str|int|float|bool|dict|list|none|constrained-\w+|function-\w+.*|literal\[.*\]|\w+\[.*\])$")
+"""The names pydantic gives union members in an error's location (``prompt.list[int]``): not fields."""
+
+
 def _loc(loc: Any, body: Any = None) -> str | None:
     loc = list(loc)
     if len(loc) > 1 and loc[0] == "body" and isinstance(body, dict) and loc[1] == body.get("type"):
         del loc[1]  # the tag of a tagged union (``"type": "steer"``) is not a field
-    parts = [str(p) for p in loc if p not in ("body", "query", "path")]
+    parts = [str(p) for p in loc if p not in ("body", "query", "path")
+             and not (isinstance(p, str) and _UNION_TAG.match(p))]
     return ".".join(parts) or None
 
 

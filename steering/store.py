@@ -43,7 +43,13 @@ class VectorExistsError(ConflictError):
     """A vector of that name already exists (and overwrite was not asked for)."""
 
 
+RESERVED = frozenset({"build"})
+"""Names that are paths of the vector API (``/v1/steering/vectors/build``), not vectors."""
+
+
 def check_name(name: str) -> str:
+    if isinstance(name, str) and name in RESERVED:
+        raise SteeringValidationError(f"{name!r} is reserved (it is an endpoint); choose another name", param="name")
     if not isinstance(name, str) or not NAME_RE.fullmatch(name):
         raise SteeringValidationError(
             "a vector name is 1-128 characters of letters, digits, '.', '_' or '-', starting with a letter or digit",

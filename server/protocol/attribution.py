@@ -5,9 +5,9 @@ from __future__ import annotations
 import time
 from typing import Annotated, Any, Literal
 
-from pydantic import BaseModel, Field, model_validator
+from pydantic import BaseModel, ConfigDict, Field, model_validator
 
-from server.protocol.common import AppliedSteering, SteeringRequest, Strict, new_id
+from server.protocol.common import AppliedSteering, SteeringRequest, Strict, exactly_one, new_id, not_together
 from server.protocol.generation import ChatMessage
 
 
@@ -23,9 +23,13 @@ class AttributionRequest(Strict):
     ``contrast`` (log P(preferred) - log P(dispreferred)), or, when neither is given, the model's own greedy
     continuation of up to ``max_tokens`` tokens (with the request's steering)."""
 
+    model_config = ConfigDict(json_schema_extra={"allOf": [
+        exactly_one("prompt", "messages"), not_together("target", "contrast"), not_together("max_tokens", "target"),
+        not_together("max_tokens", "contrast"), not_together("contrast", "per_token", {"const": True})]})
+
     model: str | None = None
     prompt: str | None = None
-    messages: list[ChatMessage] | None = None
+    messages: Annotated[list[ChatMessage], Field(min_length=1)] | None = None
     add_special_tokens: bool = True
     target: Annotated[str, Field(min_length=1)] | None = None
     contrast: ContrastTarget | None = None

@@ -7,9 +7,11 @@ from __future__ import annotations
 import uuid
 from typing import Annotated, Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, NonNegativeInt, field_validator, model_validator
+import pydantic
+from pydantic import AfterValidator, BaseModel, ConfigDict, Field, NonNegativeInt, field_validator, model_validator
 
 from steering.spec import SteeringApplication, SteeringSpec
+from steering.store import NAME_RE, check_name
 from steering.vectors import SteeringVector
 
 
@@ -30,10 +32,43 @@ def _check_text(value: Any) -> None:
                 _check_text(v)
 
 
-class Strict(BaseModel):
-    """A request model: unknown fields are rejected, and every text is valid Unicode."""
+def _given(field: str) -> dict[str, Any]:
+    return {"required": [field], "properties": {field: {"not": {"type": "null"}}}}
 
-    model_config = ConfigDict(extra="forbid")
+
+def exactly_one(*fields: str) -> dict[str, Any]:
+    """JSON Schema for "exactly one of these fields is given (not null)"."""
+    return {"oneOf": [_given(f) for f in fields]}
+
+
+def not_together(a: str, b: str, b_schema: dict[str, Any] | None = None) -> dict[str, Any]:
+    """JSON Schema for "not both ``a`` and ``b`` (``b`` matching ``b_schema``)"."""
+    both = {"required": [a, b], "properties": {a: {"not": {"type": "null"}},
+                                               b: b_schema or {"not": {"type": "null"}}}}
+    return {"not": both}
+
+
+def _integral(value: Any) -> Any:
+    if isinstance(value, float) and value.is_integer() and abs(value) < 2**63:
+        return int(value)
+    if isinstance(value, dict):
+        return {k: _integral(v) for k, v in value.items()}
+    if isinstance(value, list):
+        return [_integral(v) for v in value]
+    return value
+
+
+class Strict(BaseModel):
+    """A request model: unknown fields are rejected, no value is coerced to another type (``true`` is not ``1``),
+    and every text is valid Unicode."""
+
+    model_config = ConfigDict(extra="forbid", strict=True)
+
+    @model_validator(mode="before")
+    @classmethod
+    def _integral_numbers(cls, data: Any) -> Any:
+        """JSON has one number type: 3.0 is the integer 3 (JSON Schema says so), while true is never 1."""
+        return _integral(data)
 
     @field_validator("*", mode="after")
     @classmethod
@@ -47,13 +82,22 @@ def new_id(prefix: str) -> str:
 
 
 PositionsField = Literal["all", "prompt", "generated"] | list[NonNegativeInt]
+LayerKey = Annotated[int, pydantic.Strict(False)]
+"""A layer index as a JSON object key ("12")."""
+LAYER_VALUES = {"propertyNames": {"pattern": "^(0|[1-9][0-9]*)$"}}
+"""The schema of {layer: [floats]} objects: keys are layer indices."""
+VectorName = Annotated[str, AfterValidator(check_name),
+                       Field(json_schema_extra={"pattern": f"^{NAME_RE.pattern}$"})]
+"""A stored vector's name (:func:`steering.store.check_name`)."""
 
 
 class SteeringVectorRef(Strict):
     """A registered vector by ``name``, or one given inline as ``values`` ({layer: [hidden floats]})."""
 
-    name: str | None = None
-    values: dict[int, list[float]] | None = None
+    model_config = ConfigDict(json_schema_extra=exactly_one("name", "values"))
+
+    name: VectorName | None = None
+    values: Annotated[dict[LayerKey, list[float]], Field(min_length=1, json_schema_extra=LAYER_VALUES)] | None = None
     scale: float = 1.0
     layers: list[int] | None = None
     positions: PositionsField = "all"

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from typing import Annotated, Any, Literal
 
-from pydantic import BaseModel, Field
+from pydantic import AfterValidator, BaseModel, Field
 
 from server.protocol.common import SteeringRequest, Strict
 from steering.datasets import TruthfulQAItem
@@ -42,13 +42,23 @@ class TruthfulQAQuestion(Strict):
                               tuple(self.incorrect_answers))
 
 
+TEMPLATE = r"^(?:[^{}]|\{\{|\}\})*\{question\}(?:[^{}]|\{\{|\}\}|\{question\})*$"
+
+
+def _template(template: str) -> str:
+    ev.check_format(ev.QAFormat(template))
+    return template
+
+
 class TruthfulQAEvaluation(Strict):
     """TruthfulQA binary, MC1 and MC2 by summed answer log-probabilities."""
 
     type: Literal["truthfulqa"]
     questions: Annotated[list[TruthfulQAQuestion], Field(min_length=1)]
     conditions: Annotated[list[EvalCondition], Field(max_length=16)] = Field(default_factory=list)
-    template: str = "Q: {question}\nA:"
+    template: Annotated[str, AfterValidator(_template), Field(json_schema_extra={"pattern": TEMPLATE})] = \
+        "Q: {question}\nA:"
+    """A prompt template whose only field is ``{question}`` (braces doubled to be literal)."""
     prompt_format: Literal["raw", "chat"] = "raw"
     system_prompt: str | None = None
     separator: str | None = None

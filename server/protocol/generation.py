@@ -6,7 +6,7 @@ from __future__ import annotations
 import time
 from typing import Annotated, Any, Literal
 
-from pydantic import BaseModel, Field, model_validator
+from pydantic import AfterValidator, BaseModel, ConfigDict, Field, model_validator
 
 from server.protocol.common import AppliedSteering, SteeringRequest, Strict, Usage
 from steering.sampling import SamplingParams
@@ -83,6 +83,10 @@ def chat_messages(messages: list[ChatMessage]) -> list[dict[str, str]]:
 
 
 class ChatCompletionRequest(GenerationFields):
+    model_config = ConfigDict(json_schema_extra={
+        "if": {"required": ["top_logprobs"], "properties": {"top_logprobs": {"type": "integer", "minimum": 1}}},
+        "then": {"required": ["logprobs"], "properties": {"logprobs": {"const": True}}}})
+
     messages: Annotated[list[ChatMessage], Field(min_length=1)]
     max_completion_tokens: int | None = Field(None, ge=1)
     logprobs: bool = False
@@ -98,16 +102,17 @@ class ChatCompletionRequest(GenerationFields):
         return self.max_completion_tokens if self.max_completion_tokens is not None else self.max_tokens
 
 
-class CompletionRequest(GenerationFields):
-    prompt: str | Annotated[list[int], Field(min_length=1)]
-    logprobs: int | None = Field(None, ge=0, le=20)
-    echo: bool = False
+def _no_echo(echo: bool) -> bool:
+    if echo:
+        raise ValueError("echo is not supported")
+    return echo
 
-    @model_validator(mode="after")
-    def _no_echo(self) -> CompletionRequest:
-        if self.echo:
-            raise ValueError("echo is not supported")
-        return self
+
+class CompletionRequest(GenerationFields):
+    prompt: Annotated[str, Field(min_length=1)] | Annotated[list[int], Field(min_length=1)]
+    logprobs: int | None = Field(None, ge=0, le=20)
+    echo: Annotated[bool, AfterValidator(_no_echo), Field(json_schema_extra={"const": False})] = False
+    """Echoing the prompt back is not supported: only false is accepted."""
 
 
 # -- responses -----------------------------------------------------------------------------------------------------

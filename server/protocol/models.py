@@ -2,11 +2,11 @@
 
 from __future__ import annotations
 
-from typing import Literal
+from typing import Annotated, Literal
 
-from pydantic import BaseModel, model_validator
+from pydantic import BaseModel, ConfigDict, Field, model_validator
 
-from server.protocol.common import Strict
+from server.protocol.common import Strict, exactly_one
 from server.protocol.generation import ChatMessage
 
 
@@ -26,9 +26,13 @@ class ModelList(BaseModel):
 
 
 class TokenizeRequest(Strict):
+    """Tokenize a ``prompt`` (text) or ``messages`` (with the chat template): exactly one."""
+
+    model_config = ConfigDict(json_schema_extra=exactly_one("prompt", "messages"))
+
     model: str | None = None
     prompt: str | None = None
-    messages: list[ChatMessage] | None = None
+    messages: Annotated[list[ChatMessage], Field(min_length=1)] | None = None
     add_special_tokens: bool = True
     add_generation_prompt: bool = True
 

@@ -4,9 +4,9 @@ from __future__ import annotations
 
 from typing import Annotated, Any, Literal
 
-from pydantic import BaseModel, Field
+from pydantic import BaseModel, ConfigDict, Field
 
-from server.protocol.common import PositionsField, Strict
+from server.protocol.common import LAYER_VALUES, LayerKey, PositionsField, Strict, VectorName
 from steering.datasets import PreferenceExample
 from steering.tasks.builders import BuildRequest, SweepConfig
 from steering.vectors import SteeringVector
@@ -15,8 +15,8 @@ from steering.vectors import SteeringVector
 class VectorUpload(Strict):
     """A vector given as JSON: ``values`` is {layer: [hidden floats]}."""
 
-    name: str
-    values: dict[int, list[float]]
+    name: VectorName
+    values: Annotated[dict[LayerKey, list[float]], Field(min_length=1, json_schema_extra=LAYER_VALUES)]
     description: str | None = None
     overwrite: bool = False
 
@@ -74,7 +74,11 @@ class SweepSpec(Strict):
 
 
 class VectorBuildRequest(Strict):
-    name: str
+    model_config = ConfigDict(json_schema_extra={
+        "if": {"required": ["sweep"], "properties": {"sweep": {"type": "object"}}},
+        "then": {"required": ["validation"], "properties": {"validation": {"type": "array", "minItems": 1}}}})
+
+    name: VectorName
     method: str = "grains"
     examples: Annotated[list[PreferenceExampleIn], Field(min_length=1)]
     params: dict[str, Any] = Field(default_factory=dict)
@@ -98,7 +102,7 @@ class VectorSweepRequest(Strict):
 
 
 class VectorRename(Strict):
-    new_name: str
+    new_name: VectorName
     overwrite: bool = False
 
 

@@ -29,4 +29,5 @@ async def cancel_job(job_id: str, jobs: JobsDep, who: ReadKey) -> JobInfo:
 
 @router.delete("/{job_id}", response_model=JobInfo)
 async def delete_job(job_id: str, jobs: JobsDep, who: ReadKey) -> JobInfo:
-    return jobs.cancel(job_id, who)
+    """Cancel the job and forget it (its last state is returned)."""
+    return jobs.delete(job_id, who)

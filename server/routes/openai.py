@@ -25,14 +25,21 @@ async def list_models(svc: ServicesDep, _: ReadKey) -> ModelList:
     return svc.models.listing()
 
 
-@router.post("/chat/completions", response_model=ChatCompletionResponse)
+EVENT: dict[str, Any] = {"type": "object", "required": ["data"], "properties": {
+    "data": {"type": "string", "description": "a JSON chunk, an error envelope, or [DONE]"},
+    "event": {"type": "string"}}}
+STREAMS: dict[int | str, dict[str, Any]] = {
+    200: {"content": {"text/event-stream": {"schema": EVENT}}, "description": "with stream: true, events"}}
+
+
+@router.post("/chat/completions", response_model=ChatCompletionResponse, responses=STREAMS)
 async def chat_completions(req: ChatCompletionRequest, request: Request, svc: ServicesDep, _: GenerateKey) -> Any:
     if req.stream:
         return event_stream(await svc.generation.stream_chat(req))
     return await until_disconnect(request, svc.generation.chat(req))
 
 
-@router.post("/completions", response_model=CompletionResponse)
+@router.post("/completions", response_model=CompletionResponse, responses=STREAMS)
 async def completions(req: CompletionRequest, request: Request, svc: ServicesDep, _: GenerateKey) -> Any:
     if req.stream:
         return event_stream(await svc.generation.stream_completion(req))

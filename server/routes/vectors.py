@@ -2,9 +2,9 @@
 
 from __future__ import annotations
 
-import math
+from typing import Annotated
 
-from fastapi import APIRouter, Request
+from fastapi import APIRouter, Path, Query, Request
 from fastapi.responses import Response
 from pydantic import ValidationError
 
@@ -24,7 +24,10 @@ from server.protocol.vectors import (
 )
 from server.serving.vectors import VectorService
 from steering.gguf_vectors import read_vector_file
+from steering.store import NAME_RE
 from steering.vectors import SteeringVector
+
+VectorPath = Annotated[str, Path(pattern=f"^{NAME_RE.pattern}$", description="a stored vector's name")]
 
 router = APIRouter(prefix="/v1/steering", tags=["vectors"], responses={**API_ERRORS, **errors(404)})
 
@@ -81,26 +84,25 @@ async def _from_form(request: Request) -> tuple[str, SteeringVector, bool, str |
 
 
 @router.get("/vectors/{name}", response_model=VectorInfo)
-async def get_vector(name: str, svc: ServicesDep, _: ReadKey) -> VectorInfo:
+async def get_vector(name: VectorPath, svc: ServicesDep, _: ReadKey) -> VectorInfo:
     return svc.vectors.get(name)
 
 
 @router.delete("/vectors/{name}", response_model=VectorDeleted)
-async def delete_vector(name: str, svc: ServicesDep, _: AdminKey) -> VectorDeleted:
+async def delete_vector(name: VectorPath, svc: ServicesDep, _: AdminKey) -> VectorDeleted:
     svc.vectors.delete(name)
     return VectorDeleted(id=name)
 
 
 @router.post("/vectors/{name}/rename", response_model=VectorInfo, responses=errors(409))
-async def rename_vector(name: str, req: VectorRename, svc: ServicesDep, _: AdminKey) -> VectorInfo:
+async def rename_vector(name: VectorPath, req: VectorRename, svc: ServicesDep, _: AdminKey) -> VectorInfo:
     return svc.vectors.rename(name, req)
 
 
 @router.get("/vectors/{name}/gguf", response_class=Response,
             responses={200: {"content": {"application/octet-stream": {}}, "description": "a llama.cpp control vector"}})
-async def export_vector_gguf(name: str, svc: ServicesDep, _: ReadKey, scale: float = 1.0) -> Response:
-    if not math.isfinite(scale):
-        raise APIError(400, "scale must be a finite number", "scale")
+async def export_vector_gguf(name: VectorPath, svc: ServicesDep, _: ReadKey,
+                            scale: Annotated[float, Query(ge=-1e6, le=1e6)] = 1.0) -> Response:
     data, dropped = svc.vectors.export_gguf(name, scale)
     headers = {"Content-Disposition": f'attachment; filename="{name}.gguf"'}
     if dropped:
@@ -119,5 +121,5 @@ async def build_vector(req: VectorBuildRequest, svc: ServicesDep, who: AdminKey)
 
 
 @router.post("/vectors/{name}/sweep", response_model=JobInfo, status_code=202, responses=errors(501))
-async def sweep_vector(name: str, req: VectorSweepRequest, svc: ServicesDep, who: GenerateKey) -> JobInfo:
+async def sweep_vector(name: VectorPath, req: VectorSweepRequest, svc: ServicesDep, who: GenerateKey) -> JobInfo:
     return await svc.vectors.sweep(name, req, who)

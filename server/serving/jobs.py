@@ -125,3 +125,9 @@ class JobService:
         rec = self._get(job_id, who)
         rec.handle.cancel()
         return self.info(rec)
+
+    def delete(self, job_id: str, who: Principal) -> JobInfo:
+        """Cancel the job (if it still runs) and forget it: it is not listed or found again."""
+        info = self.cancel(job_id, who)
+        del self._jobs[job_id]
+        return info

@@ -146,27 +146,27 @@ def test_errors_are_openai_envelopes(server, fake):
     assert "steering.vector: unknown field" in r.json()["error"]["message"]  # a typo is named, never ignored
 
 
-def test_queue_full_is_503_with_retry_after(server, fake):
-    url, _ = server
+def test_queue_full_is_503_with_retry_after(make_fake, tmp_path):
     import threading
-
-    body = {"model": "fake-model", "prompt": "Hello", "max_tokens": 200, "ignore_eos": True, "stream": True}
-    streams = []
-    for _ in range(4):  # 2 running + 2 waiting fill the fake
-        s = httpx.stream("POST", url + "/v1/completions", json=body)
-        streams.append(s)
-        threading.Thread(target=s.__enter__, daemon=True).start()
     import time
 
-    deadline = time.time() + 10
-    while fake.stats().running + fake.stats().waiting < 4:
-        assert time.time() < deadline
-        time.sleep(0.01)
-    r = httpx.post(url + "/v1/completions", json={**body, "stream": False})
-    assert r.status_code == 503 and r.headers["retry-after"] == "1"
-    assert r.json()["error"]["type"] == "service_unavailable_error"
-    for s in streams:
-        s.__exit__(None, None, None)
+    fake = make_fake(max_running=2, max_waiting=2, step_seconds=0.02)  # each stream lasts seconds
+    with live_server(fake, vector_dir=tmp_path) as (url, _):
+        body = {"model": "fake-model", "prompt": "Hello", "max_tokens": 200, "ignore_eos": True, "stream": True}
+        streams = []
+        for i in range(4):  # 2 running + 2 waiting fill the fake; each is in before the next is sent
+            s = httpx.stream("POST", url + "/v1/completions", json=body)
+            streams.append(s)
+            threading.Thread(target=s.__enter__, daemon=True).start()
+            deadline = time.time() + 10
+            while fake.stats().running + fake.stats().waiting < i + 1:
+                assert time.time() < deadline, fake.stats()
+                time.sleep(0.005)
+        r = httpx.post(url + "/v1/completions", json={**body, "stream": False})
+        assert r.status_code == 503 and r.headers["retry-after"] == "1"
+        assert r.json()["error"]["type"] == "service_unavailable_error"
+        for s in streams:
+            s.__exit__(None, None, None)
 
 
 def test_bearer_auth_and_its_openapi_scheme(fake, tmp_path):

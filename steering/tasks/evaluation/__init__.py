@@ -14,11 +14,11 @@ from steering.tasks.evaluation.conditions import (
 from steering.tasks.evaluation.report import EvaluationReport
 from steering.tasks.evaluation.scorers import SCORERS, Scorer, distinct_n, get_scorer, register, scorer_names
 from steering.tasks.evaluation.steer import PreparedSteer, SteerEvalRequest, prepare_steer, start_steer
-from steering.tasks.evaluation.truthfulqa import QAFormat
+from steering.tasks.evaluation.truthfulqa import QAFormat, check_format
 
 __all__ = [
     "SCORERS", "UNSTEERED", "Condition", "condition", "EvaluationReport", "PreparedSteer", "PreparedTruthfulQA",
-    "QAFormat",
+    "QAFormat", "check_format",
     "Scorer", "SteerEvalRequest", "TruthfulQARequest", "distinct_n", "evaluate_truthfulqa", "get_scorer",
     "label_for", "prepare_steer", "prepare_truthfulqa", "register", "relative_applications", "scorer_names",
     "start_steer", "sweep_choice",

@@ -61,8 +61,8 @@ def sweep_choice(vector: SteeringVector, param: str = "steering") -> SteeringApp
 def label_for(name: str | None, layers: Sequence[int], scale: float, relative: bool) -> str:
     """``name@L3 x1.5``; ``name@L2,4 x0.5 rel`` for a relative scale."""
     layers = sorted(layers)
-    span = ",".join(map(str, layers)) if len(layers) < 4 or layers != list(range(layers[0], layers[-1] + 1)) \
-        else f"{layers[0]}-{layers[-1]}"
+    contiguous = len(layers) >= 4 and all(b - a == 1 for a, b in zip(layers, layers[1:]))
+    span = f"{layers[0]}-{layers[-1]}" if contiguous else ",".join(map(str, layers))
     return f"{name or 'inline'}@L{span} x{scale:g}{' rel' if relative else ''}"
 
 
