@@ -22,6 +22,7 @@ COPY pyproject.toml README.md ./
 COPY steering ./steering
 COPY server ./server
 COPY clients ./clients
+COPY cli ./cli
 RUN pip install . && steerserve info --device cpu
 
 RUN useradd --system --uid 10001 steerserve && mkdir -p /data/vectors \

@@ -5,8 +5,8 @@ environment variable, which overrides the default."""
 from __future__ import annotations
 
 import inspect
+import json
 import logging
-import sys
 import types
 import typing
 from typing import Any
@@ -19,11 +19,19 @@ _ENV = ServerSettings.model_config.get("env_prefix", "")
 
 
 def _flag_type(annotation: Any) -> Any:
-    """The option type for a settings field: its type without ``None`` (the option's default is None: unset)."""
+    """The option type for a settings field: its type without ``None`` (the option's default is None: unset);
+    lists and mappings are given as JSON."""
     if typing.get_origin(annotation) in (typing.Union, types.UnionType):
         args = [a for a in typing.get_args(annotation) if a is not type(None)]
-        return args[0] if len(args) == 1 else str
+        return _flag_type(args[0]) if len(args) == 1 else str
+    if typing.get_origin(annotation) in (list, dict):
+        return str
     return annotation
+
+
+def _json_fields() -> set[str]:
+    return {name for name, f in ServerSettings.model_fields.items() if _flag_type(f.annotation) is str
+            and typing.get_origin(f.annotation) in (list, dict)}
 
 
 def _options() -> list[inspect.Parameter]:
@@ -43,11 +51,14 @@ def serve(**given: Any) -> None:
     from server.app import create_app
     from server.run import build_server
 
-    settings = ServerSettings(**{k: v for k, v in given.items() if v is not None})
+    given = {k: v for k, v in given.items() if v is not None}
+    for name in _json_fields() & set(given):
+        try:
+            given[name] = json.loads(given[name])
+        except ValueError as exc:
+            raise typer.BadParameter(f"--{name.replace('_', '-')} takes JSON: {exc}") from None
+    settings = ServerSettings(**given)
     logging.getLogger().setLevel(settings.log_level.upper())
-    # The engine thread and the event loop share the GIL; a short switch interval lets the loop forward a
-    # token as soon as the engine hands it over instead of waiting up to 5 ms per hand-off.
-    sys.setswitchinterval(0.0005)
     build_server(create_app(settings), settings).run()
 
 

@@ -16,13 +16,15 @@ LogitsProcessor = Callable[[list[int], "torch.Tensor"], "torch.Tensor"]
 """(generated token ids so far, logits [vocab]) -> logits. Runs in the inference thread."""
 
 MAX_TOP_LOGPROBS = 20
+GREEDY_BELOW = 1e-5
+"""Temperatures below this sample greedily (as in vLLM): dividing logits by a tinier one overflows float32."""
 
 
 @dataclass
 class SamplingParams:
     max_tokens: int = 16
     min_tokens: int = 0
-    temperature: float = 1.0  # 0 means greedy
+    temperature: float = 1.0  # 0 (or below GREEDY_BELOW) means greedy
     top_p: float = 1.0
     top_k: int = 0  # 0 or -1: disabled
     seed: int | None = None
@@ -37,7 +39,7 @@ class SamplingParams:
 
     @property
     def greedy(self) -> bool:
-        return self.temperature == 0 or self.top_k == 1
+        return self.temperature < GREEDY_BELOW or self.top_k == 1
 
     def validate(self, vocab_size: int | None = None) -> None:
         def bad(msg: str, param: str) -> None:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from fastapi import APIRouter
+from fastapi.responses import Response
 
 from server.deps import ReadKey, ServicesDep
 from server.openapi import API_ERRORS, errors
@@ -12,8 +13,8 @@ router = APIRouter(tags=["tokenizer"], responses={**API_ERRORS, **errors(404)})
 
 
 @router.post("/tokenize", response_model=TokenizeResponse)
-async def tokenize(req: TokenizeRequest, svc: ServicesDep, _: ReadKey) -> TokenizeResponse:
-    return await svc.tokenizer.tokenize(req)
+async def tokenize(req: TokenizeRequest, svc: ServicesDep, _: ReadKey) -> Response:
+    return Response(await svc.tokenizer.tokenize(req), media_type="application/json")
 
 
 @router.post("/detokenize", response_model=DetokenizeResponse)

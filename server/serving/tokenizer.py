@@ -17,17 +17,21 @@ class TokenizerService:
         self.models = models
         self.limits = limits
 
-    async def tokenize(self, req: TokenizeRequest) -> TokenizeResponse:
+    async def tokenize(self, req: TokenizeRequest) -> bytes:
+        """The response as JSON bytes: a long prompt's ids and token strings are built and serialised on the
+        tokenizing thread too, not on the event loop."""
         self.models.check(req.model)
+        texts = [req.prompt] if req.prompt is not None else [m.text() for m in req.messages or []]
+        self.limits.check_text(texts, "prompt" if req.prompt is not None else "messages")
+        return await tokenize(self._tokenize, req)
+
+    def _tokenize(self, req: TokenizeRequest) -> bytes:
         if req.prompt is not None:
-            self.limits.check_text([req.prompt], "prompt")
-            ids = await tokenize(self.inputs.encode_text, req.prompt, add_special_tokens=req.add_special_tokens)
+            ids = self.inputs.encode_text(req.prompt, add_special_tokens=req.add_special_tokens)
         else:
-            messages = chat_messages(req.messages or [])
-            self.limits.check_text([m["content"] for m in messages], "messages")
-            ids = await tokenize(self.inputs.encode_chat, messages, req.add_generation_prompt)
+            ids = self.inputs.encode_chat(chat_messages(req.messages or []), req.add_generation_prompt)
         return TokenizeResponse(count=len(ids), max_model_len=self.models.max_model_len, tokens=ids,
-                                token_strs=self.inputs.token_strings(ids))
+                                token_strs=self.inputs.token_strings(ids)).model_dump_json().encode()
 
     def detokenize(self, req: DetokenizeRequest) -> DetokenizeResponse:
         self.models.check(req.model)

@@ -131,3 +131,32 @@ def test_templates_cannot_blow_up_the_prompts(make_fake, tmp_path):
             "type": "truthfulqa", "template": "{question:>99999999}",
             "questions": [{"question": "q", "best_answer": "a", "incorrect_answers": ["b"]}]})
         assert_error(r, 400, "template", "format spec")
+
+
+def test_a_huge_prompt_tokenizes_off_the_event_loop(make_fake, tmp_path):
+    """While a near-limit prompt is being tokenized, the probes answer at once."""
+    import threading
+
+    fake = make_fake()
+    with live_server(fake, vector_dir=tmp_path, max_prompt_chars=3_000_000) as (url, _):
+        body = {"model": "fake-model", "prompt": "Hello world, how are you? " * 110_000, "max_tokens": 1}
+        done = threading.Event()
+
+        def big() -> None:
+            httpx.post(url + "/tokenize", json={"model": "fake-model", "prompt": body["prompt"]}, timeout=120)
+            done.set()
+
+        t = threading.Thread(target=big)
+        t0 = time.monotonic()
+        t.start()
+        slowest = 0.0
+        while not done.is_set() and time.monotonic() - t0 < 60:
+            t1 = time.monotonic()
+            assert httpx.get(url + "/health", timeout=10).status_code == 200
+            slowest = max(slowest, time.monotonic() - t1)
+            time.sleep(0.05)
+        t.join(120)
+        tokenize_seconds = time.monotonic() - t0
+        assert tokenize_seconds > 0.5, "the prompt was too small to tell"
+        # on the event loop, a probe would wait for the whole tokenisation; off it, for a scheduling slice
+        assert slowest < tokenize_seconds / 4, (slowest, tokenize_seconds)
