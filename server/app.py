@@ -3,7 +3,8 @@
 The backend named by ``settings.backend`` loads in the background at start-up (``/ready`` answers 503 until
 it has loaded and while draining; ``/health`` answers 200 while its engine is alive); a backend passed in
 (tests, embedding) is used as is. The routers for analysis jobs (attribution, evaluations, jobs) are mounted
-only when the backend runs them; otherwise those paths answer 501.
+when the server runs them (on the backend itself, or on a Hugging Face engine beside it: ``settings.analysis``);
+otherwise those paths answer 501.
 """
 
 from __future__ import annotations
@@ -29,7 +30,12 @@ def create_app(settings: ServerSettings | None = None, backend: GenerationBacken
     install_openapi(app)
     app.add_middleware(BodyLimits, max_bytes=settings.max_body_bytes, timeout=settings.body_timeout_seconds)
     app.add_middleware(AllowMethods, router_app=app)
-    analysis = isinstance(backend, AnalysisBackend) if backend is not None else BACKENDS[settings.backend].analysis
+    if settings.analysis == "off":
+        analysis = False
+    elif backend is not None:
+        analysis = isinstance(backend, AnalysisBackend)
+    else:
+        analysis = BACKENDS[settings.backend].analysis is not None
     for module in (probes, openai, tokenize, vectors):
         app.include_router(module.router)
     for module in (attribution, evaluation, jobs) if analysis else (unavailable,):

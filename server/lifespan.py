@@ -23,8 +23,9 @@ log = logging.getLogger(__name__)
 @dataclass(frozen=True)
 class BackendFactory:
     build: Callable[[ServerSettings], GenerationBackend]
-    analysis: bool
-    """Whether the backend it builds runs analysis jobs (attribution, vector builds, evaluations)."""
+    analysis: Callable[[ServerSettings], GenerationBackend] | None
+    """What runs analysis jobs (attribution, vector builds, evaluations): the backend itself (``build``) or a
+    companion built beside it; None: nothing."""
 
 
 def build_hf(settings: ServerSettings) -> GenerationBackend:
@@ -40,7 +41,26 @@ def build_hf(settings: ServerSettings) -> GenerationBackend:
     return engine.start()
 
 
-BACKENDS: dict[str, BackendFactory] = {"hf": BackendFactory(build_hf, analysis=True)}
+def build_vllm(settings: ServerSettings) -> GenerationBackend:
+    from steering.backends.vllm.engine import VLLMBackend, VLLMConfig
+
+    cfg = VLLMConfig(model=settings.model, name=settings.served_model_name, device=settings.device,
+                     dtype=settings.dtype, max_model_len=settings.max_model_len,
+                     max_num_seqs=settings.max_batch_size, max_queue_size=settings.max_queue_size,
+                     max_num_batched_tokens=settings.vllm_max_num_batched_tokens, block_size=settings.vllm_block_size,
+                     enforce_eager=settings.vllm_enforce_eager,
+                     enable_prefix_caching=settings.vllm_enable_prefix_caching,
+                     gpu_memory_utilization=settings.vllm_gpu_memory_utilization,
+                     kv_cache_gib=settings.vllm_kv_cache_gib, tensor_parallel_size=settings.vllm_tensor_parallel_size,
+                     max_vectors_per_request=settings.vllm_max_vectors_per_request, bank_mib=settings.vllm_bank_mib,
+                     cache_dir=settings.cache_dir, engine_args=dict(settings.vllm_engine_args))
+    return VLLMBackend(cfg, limits=request_limits(settings)).start()
+
+
+BACKENDS: dict[str, BackendFactory] = {
+    "hf": BackendFactory(build_hf, analysis=build_hf),
+    "vllm": BackendFactory(build_vllm, analysis=build_hf),
+}
 
 
 class AppState:
@@ -74,9 +94,14 @@ def lifespan(state: AppState, backend: GenerationBackend | None) -> Lifespan:
     settings = state.settings
 
     async def load() -> None:
+        factory = BACKENDS[settings.backend]
         try:
-            built = await asyncio.to_thread(BACKENDS[settings.backend].build, settings)
-            state.services = build_services(settings, built)
+            built = await asyncio.to_thread(factory.build, settings)
+            companion = factory.analysis
+            services = build_services(settings, built, None if companion is None else lambda: companion(settings))
+            if services.analysis.mode == "start":
+                await asyncio.to_thread(services.analysis.load)
+            state.services = services
         except Exception as exc:  # noqa: BLE001 - reported by /ready and /health
             log.exception("the model failed to load")
             state.load_error = str(exc)
@@ -96,8 +121,11 @@ def lifespan(state: AppState, backend: GenerationBackend | None) -> Lifespan:
                 loader.cancel()
             svc = state.services
             if svc is not None:
-                await asyncio.to_thread(svc.backend.drain, 1.0 if state.drained else settings.drain_seconds)
+                grace = 1.0 if state.drained else settings.drain_seconds
+                await asyncio.to_thread(svc.backend.drain, grace)
+                await asyncio.to_thread(svc.analysis.drain, grace)
                 svc.backend.use_vectors(None)
+                await asyncio.to_thread(svc.analysis.shutdown)
                 if backend is None:
                     await asyncio.to_thread(svc.backend.shutdown)
 

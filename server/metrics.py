@@ -69,6 +69,10 @@ class Metrics:
         self.prompt_tokens.labels(m)
         self.generation_tokens.labels(m)
 
+    def bind_jobs(self, backend: GenerationBackend) -> None:
+        """Jobs run on another backend than generation (vLLM generates, Hugging Face analyses)."""
+        self.jobs.labels(self.model_name).set_function(lambda: backend.stats().jobs)
+
     def finished(self, reason: str | None, prompt_tokens: int, generated: int, metrics: Any) -> None:
         m = self.model_name
         self.prompt_tokens.labels(m).inc(prompt_tokens)

@@ -4,7 +4,7 @@ generated from this model, so every setting has a flag)."""
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Literal
+from typing import Any, Literal
 
 from pydantic import Field
 from pydantic_settings import BaseSettings, SettingsConfigDict
@@ -20,7 +20,12 @@ class ServerSettings(BaseSettings):
     model: str | None = Field(None, description="HF model directory or .gguf file; default: the embedded "
                                                 "SmolLM2-135M-Instruct")
     served_model_name: str | None = Field(None, description="name clients send; default: the model's name")
-    backend: Literal["hf"] = Field("hf", description="generation backend: hf (transformers, with analysis jobs)")
+    backend: Literal["hf", "vllm"] = Field("hf", description="generation backend: hf (transformers, runs analysis "
+                                                               "jobs itself) or vllm (needs the vllm extra)")
+    analysis: Literal["start", "lazy", "off"] = Field(
+        "lazy", description="with a backend that runs no analysis jobs (vllm): load the Hugging Face engine that "
+                            "runs them (attribution, vector builds, evaluations) at start, on first use (503 until "
+                            "loaded), or never (501); off also disables them with the hf backend")
     host: str = Field("127.0.0.1", description="bind address")
     port: int = Field(8000, ge=0, le=65535, description="port")
     device: str = Field("auto", description="auto, cpu, cuda, cuda:N")
@@ -68,6 +73,20 @@ class ServerSettings(BaseSettings):
     attribution_max_n_steps: int = Field(512, ge=1, description="integration steps of one attribution")
     attribution_max_probes: int = Field(64, ge=1, description="ReAGent probes of one attribution")
     attribution_max_probe_steps: int = Field(1000, ge=1, description="ReAGent steps of one attribution")
+    vllm_enforce_eager: bool = Field(False, description="vllm: no torch.compile or CUDA graphs (the reference)")
+    vllm_enable_prefix_caching: bool = Field(True, description="vllm: prefix caching (salted by steering)")
+    vllm_max_num_batched_tokens: int | None = Field(None, ge=16, description="vllm: tokens per step (chunked "
+                                                                             "prefill budget); default: vLLM's")
+    vllm_block_size: int | None = Field(None, ge=1, description="vllm: KV block size; default: vLLM's")
+    vllm_gpu_memory_utilization: float = Field(0.85, gt=0, le=1, description="vllm: share of GPU memory vLLM takes "
+                                                                             "(leave room for the analysis model)")
+    vllm_kv_cache_gib: int | None = Field(None, ge=1, description="vllm on CPU: GiB of KV cache")
+    vllm_tensor_parallel_size: int = Field(1, ge=1, description="vllm: GPUs per model (tensor parallel)")
+    vllm_max_vectors_per_request: int = Field(4, ge=1, le=16, description="vllm: steering vectors one request "
+                                                                          "may apply")
+    vllm_bank_mib: float = Field(64.0, gt=0, description="vllm: memory of the workers' vector bank (MiB)")
+    vllm_engine_args: dict[str, Any] = Field(default_factory=dict, description="vllm: further engine arguments, as "
+                                                                              "JSON (vLLM's names)")
 
 
 def request_limits(settings: ServerSettings) -> RequestLimits:

@@ -22,7 +22,7 @@ from typing import Any, Literal
 
 import torch
 
-from steering.errors import SteeringValidationError
+from steering.errors import NotFoundError, SteeringValidationError
 from steering.vectors import SteeringVector
 
 PositionKind = Literal["all", "prompt", "generated"]
@@ -157,7 +157,11 @@ def resolve(spec: SteeringSpec, *, hidden_size: int, num_layers: int, max_len: i
             if lookup is None:
                 raise SteeringValidationError(f"{where}: no vector store to find {vec!r} in; give the vector inline",
                                               param=f"{where}.name")
-            vec = lookup(vec)
+            try:
+                vec = lookup(vec)
+            except NotFoundError as exc:
+                exc.param = f"{where}.name"
+                raise
         try:
             vec.validate(hidden_size, num_layers)
         except SteeringValidationError as exc:

@@ -14,6 +14,7 @@ import os
 import re
 import threading
 import time
+from collections.abc import Callable
 from dataclasses import replace
 from pathlib import Path
 
@@ -67,6 +68,21 @@ class VectorStore:
         self._norms: dict[str, dict[int, float]] = {}
         self._lock = threading.RLock()
         self.skipped: dict[str, str] = {}  # file name -> why it was not loaded
+        self._listeners: list[Callable[[str], None]] = []
+
+    def subscribe(self, listener: Callable[[str], None]) -> Callable[[], None]:
+        """Call ``listener(name)`` after a vector is stored, overwritten, deleted or renamed (with each name
+        involved), e.g. for a backend that keeps copies of vectors; returns the unsubscribe function."""
+        self._listeners.append(listener)
+        return lambda: self._listeners.remove(listener) if listener in self._listeners else None
+
+    def _changed(self, *names: str) -> None:
+        for listener in list(self._listeners):
+            for name in names:
+                try:
+                    listener(name)
+                except Exception:  # a listener must not undo a write that has happened
+                    log.exception("vector store listener failed for %r", name)
 
     def _check(self, vec: SteeringVector) -> None:
         if self.model is None:
@@ -156,6 +172,7 @@ class VectorStore:
             vector.save(self.root / f"{name}{SUFFIX}")
             self._vectors[name] = vector
             self._norms[name] = _norms(vector)
+        self._changed(name)
         return vector
 
     def delete(self, name: str) -> None:
@@ -165,6 +182,7 @@ class VectorStore:
             (self.root / f"{name}{SUFFIX}").unlink(missing_ok=True)
             del self._vectors[name]
             self._norms.pop(name, None)
+        self._changed(name)
 
     def rename(self, name: str, new_name: str, overwrite: bool = False) -> SteeringVector:
         """Rename atomically (one rename of the file); the vector keeps its values and metadata."""
@@ -179,6 +197,7 @@ class VectorStore:
             del self._vectors[name]
             vec = self._vectors[new_name] = replace(vec, name=new_name)
             self._norms[new_name] = self._norms.pop(name)
+        self._changed(name, new_name)
         return vec
 
 

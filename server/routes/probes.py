@@ -41,8 +41,13 @@ async def version(state: StateDep) -> dict[str, str]:
     import torch
     import transformers
 
-    return {"version": __version__, "backend": state.settings.backend, "torch": torch.__version__,
-            "transformers": transformers.__version__}
+    out = {"version": __version__, "backend": state.settings.backend, "torch": torch.__version__,
+           "transformers": transformers.__version__}
+    if state.settings.backend == "vllm":
+        import vllm
+
+        out["vllm"] = vllm.__version__
+    return out
 
 
 @router.get("/metrics", response_class=Response,

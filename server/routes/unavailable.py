@@ -1,4 +1,4 @@
-"""The analysis endpoints of a backend that cannot run them: every one answers 501 with the reason."""
+"""The analysis endpoints of a server that runs no analysis: every one answers 501 with the reason."""
 
 from __future__ import annotations
 
@@ -17,6 +17,9 @@ PATHS = (("/v1/attributions", ["POST"]), ("/v1/attributions/methods", ["GET"]), 
 
 
 def _unavailable(state: StateDep, _: ReadKey) -> NoReturn:
+    if state.settings.analysis == "off":
+        raise UnsupportedError("analysis (attribution, evaluations, vector builds) is off on this server "
+                               "(STEERSERVE_ANALYSIS=off)")
     kind = state.services.backend.kind if state.services is not None else state.settings.backend
     raise UnsupportedError(f"this server's backend ({kind}) runs no analysis jobs (attribution, evaluations, "
                            "vector builds); the hf backend runs them")

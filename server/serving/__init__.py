@@ -3,9 +3,11 @@
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
 
 from server.metrics import Metrics
+from server.serving.analysis import AnalysisHost, AnalysisServices
 from server.serving.attribution import AttributionService
 from server.serving.evaluation import EvaluationService
 from server.serving.generation import GenerationService
@@ -31,17 +33,23 @@ class Services:
     generation: GenerationService
     tokenizer: TokenizerService
     vectors: VectorService
+    analysis: AnalysisHost
     jobs: JobService | None
-    """None when the backend runs no analysis jobs (and so the next two)."""
-    attributions: AttributionService | None
-    evaluations: EvaluationService | None
+    """None when the server runs no analysis jobs."""
 
     @property
-    def analysis(self) -> bool:
-        return self.jobs is not None
+    def attributions(self) -> AttributionService:
+        return self.analysis.get().attributions
+
+    @property
+    def evaluations(self) -> EvaluationService:
+        return self.analysis.get().evaluations
 
 
-def build_services(settings: ServerSettings, backend: GenerationBackend) -> Services:
+def build_services(settings: ServerSettings, backend: GenerationBackend,
+                   analysis: Callable[[], GenerationBackend] | None = None) -> Services:
+    """The services over ``backend``. Analysis jobs run on ``backend`` when it can run them; otherwise on the
+    backend ``analysis()`` builds (when ``settings.analysis`` says: at start, on first use, or never)."""
     info = backend.info
     store = VectorStore(settings.vector_dir, info.identity())
     store.load_all()
@@ -50,21 +58,41 @@ def build_services(settings: ServerSettings, backend: GenerationBackend) -> Serv
     models = ModelService(info, settings.served_model_name)
     metrics = Metrics(models.name)
     metrics.bind(backend, store)
-    submitter = Submitter(backend, metrics)
-    jobs = attributions = evaluations = None
-    if isinstance(backend, AnalysisBackend):
-        jobs = JobService(backend, metrics, keep=settings.keep_finished_jobs)
-        attributions = AttributionService(backend, submitter, jobs, models, metrics, attr.AttributionLimits(
+
+    def wire(engine: GenerationBackend) -> AnalysisServices:
+        assert isinstance(engine, AnalysisBackend)
+        if engine is not backend:
+            engine.use_vectors(store)
+            engine.limits = backend.limits
+            metrics.bind_jobs(engine)
+        submitter = Submitter(engine, metrics)
+        attributions = AttributionService(engine, submitter, jobs_service, models, metrics, attr.AttributionLimits(
             max_input_tokens=settings.attribution_max_input_tokens,
             max_target_tokens=settings.attribution_max_target_tokens, max_n_steps=settings.attribution_max_n_steps,
             max_probes=settings.attribution_max_probes, max_probe_steps=settings.attribution_max_probe_steps))
-        evaluations = EvaluationService(backend, store, jobs, settings.eval_max_prompts, settings.eval_max_scored_rows)
+        evaluations = EvaluationService(engine, store, jobs_service, settings.eval_max_prompts,
+                                        settings.eval_max_scored_rows)
+        return AnalysisServices(engine, attributions, evaluations)
+
+    if settings.analysis == "off":
+        host = AnalysisHost("off", None, wire)
+    elif isinstance(backend, AnalysisBackend):
+        host = AnalysisHost("self", lambda: backend, wire)
+    elif analysis is None:
+        host = AnalysisHost("off", None, wire, f"this server's backend ({backend.kind}) runs no analysis jobs "
+                                               "(attribution, vector builds and sweeps, evaluations)")
+    else:
+        host = AnalysisHost(settings.analysis, analysis, wire)
+    jobs_service = JobService(lambda: host.get().backend, metrics, keep=settings.keep_finished_jobs)
+    jobs = jobs_service if host.enabled else None
+    if host.mode == "self":
+        host.load()
     limits = builders.BuildLimits(max_examples=settings.build_max_examples,
                                   max_sweep_rows=settings.build_max_sweep_rows)
+    submitter = Submitter(backend, metrics)
     return Services(
         backend=backend, store=store, metrics=metrics, submitter=submitter, models=models,
         generation=GenerationService(submitter, models),
         tokenizer=TokenizerService(backend.inputs, models, backend.limits),
-        vectors=VectorService(store, backend, jobs, limits), jobs=jobs, attributions=attributions,
-        evaluations=evaluations,
+        vectors=VectorService(store, backend, jobs, limits), analysis=host, jobs=jobs,
     )

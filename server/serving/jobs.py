@@ -40,7 +40,8 @@ class _JobRecord:
 
 
 class JobService:
-    def __init__(self, backend: AnalysisBackend, metrics: Metrics, keep: int = 256) -> None:
+    def __init__(self, backend: Callable[[], AnalysisBackend], metrics: Metrics, keep: int = 256) -> None:
+        """``backend()`` gives the analysis backend when a job is submitted (it may be loaded on first use)."""
         self.backend = backend
         self.metrics = metrics
         self.keep = keep
@@ -49,7 +50,7 @@ class JobService:
     def start(self, name: str, work: Work[Any], loop: asyncio.AbstractEventLoop | None = None) -> JobHandle[Any]:
         """Submit ``work`` to the backend; a refusal (queue full) is counted and raised."""
         try:
-            return self.backend.submit_job(work, name, loop=loop or asyncio.get_running_loop())
+            return self.backend().submit_job(work, name, loop=loop or asyncio.get_running_loop())
         except SteeringError as exc:
             self.metrics.rejected(rejection_reason(exc))
             raise

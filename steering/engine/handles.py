@@ -116,6 +116,8 @@ class RequestHandle:
             token_ids=[t for o in outs for t in o.token_ids], text="".join(o.text for o in outs),
             logprobs=[lp for o in outs for lp in o.logprobs], finish_reason=last.finish_reason,
             stop_reason=last.stop_reason, metrics=last.metrics,
+            num_cached_tokens=next((o.num_cached_tokens for o in reversed(outs) if o.num_cached_tokens is not None),
+                                   None),
         )
 
     def result(self) -> GenerationResult:

@@ -92,6 +92,8 @@ class RequestOutput:
     error: Exception | None = None
     metrics: RequestMetrics | None = None
     time: float = 0.0  # time.monotonic() when the engine produced it
+    num_cached_tokens: int | None = None
+    """Prompt tokens read from a prefix cache instead of computed (backends with one report it)."""
 
 
 @dataclass
@@ -104,6 +106,7 @@ class GenerationResult:
     finish_reason: str | None
     stop_reason: str | int | None
     metrics: RequestMetrics | None
+    num_cached_tokens: int | None = None
 
 
 @dataclass(frozen=True)

@@ -1,0 +1,138 @@
+"""The vLLM steering op against the Hugging Face hooks' arithmetic, without vLLM: the workers' state is built
+directly, filled as the runner's per-step hook fills it, and the op runs on split (hidden, residual) streams."""
+
+from __future__ import annotations
+
+from types import SimpleNamespace
+
+import numpy as np
+import pytest
+import torch
+
+from steering.backends.hf.hooks import DeviceApplication, SteeringBatch
+from steering.backends.vllm import wire
+from steering.backends.vllm.op import steer_impl
+from steering.backends.vllm.state import SteerState, set_state
+
+H, L = 16, 3
+
+
+def _state(dense: bool) -> SteerState:
+    return SteerState(max_num_tokens=64, max_num_seqs=4, hidden_size=H, num_layers=L, max_model_len=64,
+                      device=torch.device("cpu"), max_applications=3, bank_rows=64, dense=dense)
+
+
+def _vec(seed: int) -> dict[int, torch.Tensor]:
+    g = torch.Generator().manual_seed(seed)
+    return {layer: torch.randn(H, generator=g) for layer in range(L)}
+
+
+# rows of one step: (applications as (vector seed, scale, positions, normalize, layers)), prompt length,
+# first position of the step's tokens (5 tokens each)
+ROWS = [
+    ([(1, 3.0, "all", True, [0, 1, 2])], 8, 6),  # crosses the prompt end
+    ([], 8, 0),  # unsteered
+    ([(2, 2.0, "prompt", False, [1]), (3, 1.5, "generated", True, [1, 2])], 7, 4),
+    ([(4, -4.0, (5, 6, 40), False, [0, 1])], 30, 3),  # explicit positions
+]
+
+
+def _step(dense: bool):
+    st = _state(dense)
+    set_state(st)
+    requests, ids = {}, []
+    for r, (apps, plen, _) in enumerate(ROWS):
+        entry = None
+        if apps:
+            pairs = []
+            for seed, scale, pos, norm, layers in apps:
+                values = {layer: _vec(seed)[layer] for layer in layers}
+                key = wire.vector_key(f"v{seed}", values)
+                assert st.register(key, wire.layer_bytes(values))["status"] == "ok"
+                pairs.append((key, SimpleNamespace(layers=layers, scale=scale, positions=pos, normalize=norm)))
+            entry = wire.encode(pairs)
+        rid = f"r{r}"
+        ids.append(rid)
+        requests[rid] = SimpleNamespace(num_prompt_tokens=plen, sampling_params=SimpleNamespace(
+            extra_args={wire.KEY: entry} if entry else None))
+    runner = SimpleNamespace(input_batch=SimpleNamespace(req_ids=ids, num_reqs=len(ids)), requests=requests)
+    st.fill(runner, np.full(len(ROWS), 5))
+    positions = torch.tensor([p0 + i for _, _, p0 in ROWS for i in range(5)])
+    return st, positions
+
+
+def _reference(hidden: torch.Tensor, residual: torch.Tensor, layer: int) -> torch.Tensor:
+    """The HF hooks on the block output h = hidden + residual, rows as a [B, 5] batch."""
+    rows = [[DeviceApplication({lyr: _vec(seed)[lyr] for lyr in layers}, scale, pos, norm)
+             for seed, scale, pos, norm, layers in apps] for apps, _, _ in ROWS]
+    batch = SteeringBatch(rows, H, torch.device("cpu"), torch.float32)
+    positions = torch.tensor([[p0 + i for i in range(5)] for _, _, p0 in ROWS])
+    prompt_lens = torch.tensor([plen for _, plen, _ in ROWS])
+    h = (hidden + residual).view(len(ROWS), 5, H).clone()
+    return batch.gates(positions, prompt_lens).apply(layer, h).view(-1, H)
+
+
+@pytest.mark.parametrize("dense", [False, True], ids=["sparse", "dense"])
+@pytest.mark.parametrize("layer", range(L))
+def test_the_op_is_the_hooks_arithmetic_and_leaves_unsteered_tokens_alone(dense, layer):
+    st, positions = _step(dense)
+    g = torch.Generator().manual_seed(10 + layer)
+    hidden, residual = torch.randn(20, H, generator=g), torch.randn(20, H, generator=g)
+    h0, r0 = hidden.clone(), residual.clone()
+    try:
+        steer_impl(hidden, residual, positions, layer)
+    finally:
+        set_state(None)
+    want = _reference(h0, r0, layer)
+    changed = ~((hidden == h0).all(1) & (residual == r0).all(1))
+    steered = ~torch.isclose(want, h0 + r0, rtol=0, atol=0).all(1)
+    assert torch.equal(changed, steered)  # exactly the tokens an application acts on are rewritten
+    assert torch.equal(hidden[~changed], h0[~changed]) and torch.equal(residual[~changed], r0[~changed])
+    torch.testing.assert_close(hidden + residual, want, rtol=1e-5, atol=1e-5)
+    if changed.any():
+        assert (hidden[changed] == 0).all()  # the next fused add + norm sees exactly h'
+
+
+def test_sparse_and_dense_agree_bit_for_bit():
+    outs = []
+    for dense in (False, True):
+        st, positions = _step(dense)
+        g = torch.Generator().manual_seed(3)
+        hidden, residual = torch.randn(20, H, generator=g), torch.randn(20, H, generator=g)
+        try:
+            steer_impl(hidden, residual, positions, 1)
+        finally:
+            set_state(None)
+        outs.append((hidden, residual))
+    assert torch.equal(outs[0][0], outs[1][0]) and torch.equal(outs[0][1], outs[1][1])
+
+
+def test_slots_and_bank_rows_come_back_and_dropped_keys_wait_for_their_users():
+    st, _ = _step(False)
+    set_state(None)
+    key = next(iter(st.keys))
+    free = len(st._free_rows)
+    assert st.unregister(key) and key in st.keys  # a live slot still uses it
+    for rid in ("r0", "r1", "r2", "r3"):
+        st.release(rid)
+    assert key not in st.keys and len(st._free_rows) > free
+    assert not st.entry_row.any() and not st.pos_bits.any() and st.snapshot()["slots_in_use"] == 0
+
+
+def test_an_invalid_entry_runs_unsteered_and_is_counted():
+    st = _state(False)
+    requests = {"x": SimpleNamespace(num_prompt_tokens=3, sampling_params=SimpleNamespace(extra_args={
+        wire.KEY: {"v": 1, "applications": [{"key": "nope@0", "layers": [0], "scale": 1.0, "positions": "all",
+                                             "normalize": False}]}}))}
+    st.fill(SimpleNamespace(input_batch=SimpleNamespace(req_ids=["x"], num_reqs=1), requests=requests),
+            np.array([4]))
+    assert st.num_steered == 0 and st.stats["invalid_specs"] == 1
+
+
+def test_registration_reports_a_full_bank_instead_of_raising():
+    st = SteerState(max_num_tokens=8, max_num_seqs=1, hidden_size=H, num_layers=L, max_model_len=16,
+                    device=torch.device("cpu"), max_applications=1, bank_rows=2, dense=False)
+    values = wire.layer_bytes(_vec(0))
+    assert st.register("a@1", values) == {"status": "full", "free": 2}
+    assert st.register("b@1", {0: values[0]})["status"] == "ok"
+    assert st.register("c@1", {0: b"\x00" * 3})["status"] == "invalid"
