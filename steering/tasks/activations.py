@@ -18,10 +18,12 @@ from steering.tasks.scoring import chunks, packed_forward
 
 
 def collect(ctx: JobContext, rows: Sequence[Sequence[Segment]], groups: Sequence[Sequence[Sequence[int]]],
-            layers: Sequence[int] | None = None, stage: str = "activations"):
+            layers: Sequence[int] | None = None, stage: str = "activations",
+            replace: tuple[Sequence[Sequence[int]], torch.Tensor] | None = None):
     """Job generator: returns {layer: [G, hidden] float32 on CPU}, G = all groups of all rows in order.
 
-    ``groups[r]`` lists row ``r``'s groups (token indices into the row)."""
+    ``groups[r]`` lists row ``r``'s groups (token indices into the row). ``replace`` = (token indices per row, an
+    embedding [hidden]): those tokens' input embeddings are replaced by it (e.g. an attribution baseline)."""
     lm = ctx.lm
     layers = list(range(lm.num_layers)) if layers is None else list(layers)
     wanted = set(layers)
@@ -52,7 +54,13 @@ def collect(ctx: JobContext, rows: Sequence[Sequence[Segment]], groups: Sequence
                 acc = torch.zeros(n_groups, h.shape[-1]).index_add_(0, local_t, sel)
                 out[layer][first:first + n_groups] = acc / counts
 
-        packed_forward(ctx, batch, capture=capture)
+        embeds = None
+        if replace is not None and any(replace[0][i] for i in idx):
+            embeds = lm.model.get_input_embeddings()(batch.ids).detach().clone()
+            for r, i in enumerate(idx):
+                if replace[0][i]:
+                    embeds[r, torch.tensor(list(replace[0][i]), device=lm.device)] = replace[1].to(embeds.dtype)
+        packed_forward(ctx, batch, embeds=embeds, capture=capture)
         done += len(idx)
         yield Progress(done, len(rows), stage)
     return out

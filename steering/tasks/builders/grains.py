@@ -6,16 +6,29 @@ Per example (prompt x, preferred y+, dispreferred y-):
 1. Contrastive IG of F = log P(y+ | x) - log P(y- | x) (each answer's summed token log-probabilities) over all
    tokens of x, y+ and y-, packed in one row so x is shared (:mod:`steering.tasks.attribution.packed`). The scores of
    S+ = x + y+ are x's and y+'s; those of S- = x + y- are x's and y-'s.
-2. The k most positive tokens of S+ (they raise F) and the k most negative of S- (they lower it), special
-   tokens never chosen; only tokens with a score of that sign qualify.
-3. Each set replaced by the replacement token; at every layer, the last token's state of the original minus
-   that of the masked sequence: delta+ (from S+) and delta- (from S-).
-4. Over the examples, per layer: u = first principal component of the deltas, its sign aligned with their mean
-   (``pca``), or their mean (``mean``); v = u+ - u- (``both``) or u+ (``pos``).
+2. Candidates (``select_from``): by default the answer tokens the other answer does not share (``differing``);
+   or every answer token, the prompt's tokens, or every token (``sequence``, the reference code's). Special
+   tokens are never candidates, nor (``skip_template``) the prompt tokens every example begins and ends with.
+   The k most positive candidates of S+ (they raise F) and the k most negative of S- (they lower it); only
+   tokens with a score of that sign qualify.
+3. Each set replaced (``replacement``: a token, by default pad/EOS; removed, ``delete``; or the IG baseline's
+   embedding, ``baseline``); at every layer, the last token's state of the original minus that of the masked
+   sequence: delta+ (from S+) and delta- (from S-).
+4. Over the examples, per layer: u = the mean delta (``mean``, default), or the deltas' first principal
+   component, its sign aligned with their mean (``pca``); v = u+ - u- (``both``) or u+ (``pos``).
+
+Why these defaults (docs/experiments.md, "GrAInS: the defect"): with every token a candidate, the tokens the
+attribution ranks highest are the chat template's, the system prompt's and the ones both answers share (an
+answer token's score is its share of its own answer's log-likelihood, which is large for any fluent token), so
+both polarities mask much the same tokens that carry no preference; and the first principal component of the
+centred deltas explains 11-30% of their variance and is nearly unrelated to their mean. With the reference's
+choices the sentiment vector moved VADER the wrong way. When the two answers differ only in the masked tokens,
+the masked sequences are identical and, with ``mean``, v is exactly the mean last-token contrast h(S+) - h(S-).
 
 Where this deliberately differs from the public reference code (duykhuongnguyen/GrAInS): answers are scored by
-their summed log-probabilities (the reference reads one next-token logit, off by one); the PCA sign is aligned
-with the mean delta (the reference's signs are arbitrary, so u+ - u- could be meaningless); each polarity uses
+their summed log-probabilities (the reference reads one next-token logit, off by one); candidates and
+aggregation (above; the reference's are ``sequence`` without ``skip_template``, and ``pca``); the PCA sign is
+aligned with the mean delta (the reference's signs are arbitrary, so u+ - u- could be meaningless); each polarity uses
 its own sequence (the reference masks both sequences for each polarity and recomputes attribution for each);
 the prompt is attributed once, shared by both answers; steering preserves each token's norm over the hidden
 dimension (the reference normalises over the sequence axis); states are read from the decoder layers' outputs
@@ -25,6 +38,7 @@ caller (the reference evaluates on its own building rows).
 
 from __future__ import annotations
 
+import difflib
 from typing import Literal
 
 import torch
@@ -45,18 +59,29 @@ from steering.tasks.builders.registry import (
 )
 from steering.tasks.packing import Segment, answer_rows
 
+Candidates = Literal["differing", "answer", "prompt", "sequence"]
+
 
 class GrainsParams(BuilderParams):
     k: int = Field(10, ge=1, le=1024, description="tokens masked per sequence and polarity")
     n_steps: int = Field(20, ge=1, le=512, description="integrated-gradients quadrature points")
     integration: IntegrationMethod = "gausslegendre"
     baseline: Literal["zeros", "pad", "eos"] = "zeros"
-    replacement: Literal["pad", "eos", "unk"] | int = Field(
-        "pad", description="token written over the chosen tokens: pad (EOS when there is none), eos, unk, or an id")
-    aggregate: Literal["pca", "mean"] = "pca"
+    replacement: Literal["pad", "eos", "unk", "delete", "baseline"] | int = Field(
+        "pad", description="what takes the chosen tokens' place: a token (pad, i.e. EOS when there is none; eos; "
+                           "unk; or an id), nothing (delete: the tokens are removed), or the integrated-gradients "
+                           "baseline embedding (baseline)")
+    aggregate: Literal["mean", "pca"] = Field(
+        "mean", description="per polarity, the mean delta (mean) or the deltas' first principal component, "
+                            "sign-aligned with their mean (pca, the reference code's)")
     mode: Literal["both", "pos"] = "both"
-    select_from: Literal["sequence", "prompt"] = Field(
-        "sequence", description="candidates: every non-special token of prompt and answer, or the prompt's only")
+    select_from: Candidates = Field(
+        "differing", description="candidate tokens: the answer tokens the other answer does not share (differing), "
+                                 "every answer token (answer), the prompt's (prompt), or every token of prompt and "
+                                 "answer (sequence, the reference code's)")
+    skip_template: bool = Field(
+        True, description="prompt candidates exclude the template: the tokens every example's prompt begins and "
+                          "ends with (chat markup, system prompt, 'Q:'/'A:'); needs two or more examples")
 
 
 def select(scores: list[float], candidates: list[bool], k: int, negative: bool) -> list[int]:
@@ -66,16 +91,73 @@ def select(scores: list[float], candidates: list[bool], k: int, negative: bool) 
     return sorted(picked[:k])
 
 
-def masked(ids: list[int], positions: list[int], replacement: int) -> list[int]:
+def masked(ids: list[int], positions: list[int], replacement: int | None) -> list[int]:
+    """``ids`` with ``positions`` replaced by ``replacement``, or removed when it is None."""
+    if replacement is None:
+        drop = set(positions)
+        return [t for i, t in enumerate(ids) if i not in drop]
     out = list(ids)
     for p in positions:
         out[p] = replacement
     return out
 
 
-def replacement_id(lm, choice) -> int:
+def template_affixes(prompts: list[list[int]]) -> tuple[int, int]:
+    """Lengths of the token prefix and suffix every prompt shares (the template around the content: chat
+    markup and system prompt, 'Q:' and 'A:'); (0, 0) for fewer than two prompts. They never overlap."""
+    if len(prompts) < 2:
+        return 0, 0
+    shortest = min(len(p) for p in prompts)
+    pre = 0
+    while pre < shortest and len({p[pre] for p in prompts}) == 1:
+        pre += 1
+    suf = 0
+    while suf < shortest - pre and len({p[-1 - suf] for p in prompts}) == 1:
+        suf += 1
+    return pre, suf
+
+
+def unshared(a: list[int], b: list[int]) -> list[bool]:
+    """Per token of ``a``: not part of a longest matching run with ``b`` (the tokens where the two differ)."""
+    out = [True] * len(a)
+    for blk in difflib.SequenceMatcher(a=a, b=b, autojunk=False).get_matching_blocks():
+        out[blk.a:blk.a + blk.size] = [False] * blk.size
+    return out
+
+
+def candidate_mask(prompt: list[int], answer: list[int], other: list[int], params: GrainsParams,
+                   special: set[int], template: tuple[int, int]) -> list[bool]:
+    """Which tokens of prompt + answer may be chosen."""
+    P, (pre, suf) = len(prompt), template
+    how = params.select_from
+    if how in ("sequence", "prompt"):
+        in_prompt = [(not params.skip_template) or pre <= i < P - suf for i in range(P)]
+    else:
+        in_prompt = [False] * P
+    if how == "prompt":
+        in_answer = [False] * len(answer)
+    elif how == "differing":
+        in_answer = unshared(answer, other)
+    else:
+        in_answer = [True] * len(answer)
+    return [ok and t not in special for ok, t in zip(in_prompt + in_answer, prompt + answer, strict=True)]
+
+
+def baseline_embedding(lm, baseline: str) -> torch.Tensor:
+    """The integrated-gradients baseline's embedding [hidden]: zeros, or the pad / EOS token's."""
+    emb = lm.model.get_input_embeddings()
+    if baseline == "zeros":
+        return torch.zeros(lm.hidden_size, device=lm.device, dtype=emb.weight.dtype)
+    tok = lm.pad_id if baseline == "pad" else lm.tokenizer.eos_token_id
+    return emb(torch.tensor([int(tok)], device=lm.device))[0].detach()
+
+
+def replacement_id(lm, choice) -> int | None:
+    """The token id written over the chosen tokens; None for ``delete`` and ``baseline`` (no token)."""
     if isinstance(choice, int):
         return choice
+    if choice in ("delete", "baseline"):
+        return None
     tokenizer = lm.tokenizer
     tok = {"pad": lm.pad_id, "eos": tokenizer.eos_token_id, "unk": tokenizer.unk_token_id}[choice]
     if tok is None:
@@ -87,8 +169,9 @@ def replacement_id(lm, choice) -> int:
 class Grains(Builder):
     name = "grains"
     Params = GrainsParams
-    summary = ("contrastive integrated gradients picks the top-k tokens toward each answer; masking them gives "
-               "hidden-state deltas whose principal directions make the vector")
+    summary = ("contrastive integrated gradients picks the top-k tokens toward each answer among those where the "
+               "answers differ; masking them gives hidden-state deltas whose mean (or principal) directions make "
+               "the vector")
 
     @classmethod
     def cost(cls, data: list[Encoded], params: GrainsParams) -> float:
@@ -103,25 +186,34 @@ class Grains(Builder):
         split = 3 * params.n_steps / (3 * params.n_steps + 2)  # progress share of IG (see cost())
         scores = yield from scaled(integrated_gradients(ctx, rows, [[0.0, 1.0, -1.0]] * len(data), params.n_steps,
                                                         params.integration, params.baseline), 0.0, split)
+        template = template_affixes([e.prompt for e in data])  # skipped when params.skip_template
         # Selection, then one activation pass: the originals packed as [x, y+, y-] (last tokens of y+ and y-),
         # and the two masked sequences side by side as separate roots.
         act_rows, groups, picks = [], [], []
-        for e, row, s in zip(data, rows, scores):
+        swaps: list[list[int]] = []
+        for e, row, s in zip(data, rows, scores, strict=True):
             P, A = len(e.prompt), len(e.preferred)
             seq_pos, seq_neg = e.prompt + e.preferred, e.prompt + e.dispreferred
             s_pos = s[: P + A].tolist()
             s_neg = s[:P].tolist() + s[P + A:].tolist()
-            def cand(ids: list[int], P: int = P) -> list[bool]:
-                return [t not in special and (params.select_from == "sequence" or i < P) for i, t in enumerate(ids)]
-
-            pos = select(s_pos, cand(seq_pos), params.k, negative=False)
-            neg = select(s_neg, cand(seq_neg), params.k, negative=True)
+            pos = select(s_pos, candidate_mask(e.prompt, e.preferred, e.dispreferred, params, special, template),
+                         params.k, negative=False)
+            neg = select(s_neg, candidate_mask(e.prompt, e.dispreferred, e.preferred, params, special, template),
+                         params.k, negative=True)
             picks.append((pos, neg))
             act_rows.append(row)
             groups.append([[P + A - 1], [P + A + len(e.dispreferred) - 1]])
-            act_rows.append([Segment(masked(seq_pos, pos, rep)), Segment(masked(seq_neg, neg, rep))])
-            groups.append([[len(seq_pos) - 1], [len(seq_pos) + len(seq_neg) - 1]])
-        states = yield from scaled(activations.collect(ctx, act_rows, groups, layers), split, 1.0)
+            swaps.append([])
+            if params.replacement == "baseline":  # the ids stay; their embeddings become the baseline's
+                m_pos, m_neg = seq_pos, seq_neg
+                swaps.append(pos + [len(seq_pos) + q for q in neg])
+            else:
+                m_pos, m_neg = masked(seq_pos, pos, rep), masked(seq_neg, neg, rep)
+                swaps.append([])
+            act_rows.append([Segment(m_pos), Segment(m_neg)])
+            groups.append([[len(m_pos) - 1], [len(m_pos) + len(m_neg) - 1]])
+        swap = (swaps, baseline_embedding(lm, params.baseline)) if params.replacement == "baseline" else None
+        states = yield from scaled(activations.collect(ctx, act_rows, groups, layers, replace=swap), split, 1.0)
         n = len(data)
         use_pos = [i for i, (p, _) in enumerate(picks) if p]
         use_neg = [i for i, (_, q) in enumerate(picks) if q]
@@ -146,14 +238,25 @@ class Grains(Builder):
         elif params.mode == "pos":
             del stats["explained_variance_neg"]
         tok = lm.tokenizer
+
+        def where(i: int, P: int) -> str:
+            return "answer" if i >= P else "template" if i < template[0] or i >= P - template[1] else "prompt"
+
         info = {
             "examples_with_positive_tokens": len(use_pos), "examples_with_negative_tokens": len(use_neg),
             "mean_tokens_masked": {"pos": sum(len(p) for p, _ in picks) / n, "neg": sum(len(q) for _, q in picks) / n},
-            "replacement_token": {"id": rep, "text": tok.decode([rep])},
+            "replacement_token": ({"id": rep, "text": tok.decode([rep])} if rep is not None
+                                  else {"id": None, "text": params.replacement}),
+            "template_tokens": {"prefix": template[0], "suffix": template[1]},
+            "chosen_parts": {pol: {part: sum(where(i, len(e.prompt)) == part for e, pk in zip(data, picks, strict=True)
+                                             for i in pk[j]) for part in ("template", "prompt", "answer")}
+                             for j, pol in enumerate(("pos", "neg"))},
             "selections": [
                 {"pos": [tok.decode([(e.prompt + e.preferred)[i]]) for i in p],
-                 "neg": [tok.decode([(e.prompt + e.dispreferred)[i]]) for i in q]}
-                for e, (p, q) in list(zip(data, picks))[:20]
+                 "neg": [tok.decode([(e.prompt + e.dispreferred)[i]]) for i in q],
+                 "pos_at": [[i, where(i, len(e.prompt))] for i in p],
+                 "neg_at": [[i, where(i, len(e.prompt))] for i in q]}
+                for e, (p, q) in list(zip(data, picks, strict=True))[:20]
             ],
         }
         return Directions(values, info, stats)

@@ -7,12 +7,13 @@ import time
 import pytest
 import torch
 
+from steering.backends.hf import run_job
 from steering.datasets import PreferenceExample, dataset_hash
 from steering.errors import InvalidRequestError, JobCancelledError
 from steering.sampling import SamplingParams
-from steering.tasks.builders import BuildRequest, SweepConfig, build, encode, sweep
-from steering.tasks.builders.grains import masked, select
-from steering.tasks.builders.registry import BuilderParams, principal_direction
+from steering.tasks.builders import BuildRequest, SweepConfig, build, encode, grains, sweep
+from steering.tasks.builders.grains import masked, select, template_affixes, unshared
+from steering.tasks.builders.registry import BuilderParams, Encoded, principal_direction
 from steering.vectors import SteeringVector
 from tests.tiny import EXAMPLES, plain_logprob
 
@@ -47,9 +48,10 @@ def test_principal_direction_is_sign_aligned_with_the_mean():
 
 
 def test_grains_modes_layers_and_metadata(tiny_lm):
-    both = build(tiny_lm, BuildRequest(EXAMPLES, "grains", {"k": 3, "n_steps": 8}))
-    pos = build(tiny_lm, BuildRequest(EXAMPLES, "grains", {"k": 3, "n_steps": 8, "mode": "pos"}))
-    sub = build(tiny_lm, BuildRequest(EXAMPLES, "grains", {"k": 3, "n_steps": 8, "layers": [3, 1]}))
+    p = {"k": 3, "n_steps": 8, "aggregate": "pca"}
+    both = build(tiny_lm, BuildRequest(EXAMPLES, "grains", p))
+    pos = build(tiny_lm, BuildRequest(EXAMPLES, "grains", {**p, "mode": "pos"}))
+    sub = build(tiny_lm, BuildRequest(EXAMPLES, "grains", {**p, "layers": [3, 1]}))
     vb, vp = both.vector, pos.vector
     assert vb.layers == list(range(tiny_lm.num_layers)) and sub.vector.layers == [1, 3]
     for layer in vb.layers:
@@ -62,11 +64,12 @@ def test_grains_modes_layers_and_metadata(tiny_lm):
         torch.testing.assert_close(sub.vector.values[layer], vb.values[layer], atol=1e-5, rtol=1e-4)
     md = vb.metadata
     assert md["method"] == "grains" and md["params"]["k"] == 3 and md["params"]["mode"] == "both"
+    assert md["params"]["select_from"] == "differing" and md["params"]["aggregate"] == "pca"
     assert md["model"] == tiny_lm.info.identity().as_dict()
     assert md["dataset"] == {"hash": dataset_hash(EXAMPLES), "examples": len(EXAMPLES)}
     assert all(n > 0 for n in md["hidden_norms"].values())
     assert all(len(s["pos"]) <= 3 and len(s["neg"]) <= 3 for s in md["info"]["selections"])
-    mean = build(tiny_lm, BuildRequest(EXAMPLES, "grains", {"k": 3, "n_steps": 8, "aggregate": "mean"}))
+    mean = build(tiny_lm, BuildRequest(EXAMPLES, "grains", {**p, "aggregate": "mean"}))
     assert "explained_variance_pos" not in mean.vector.metadata["stats"]
     assert float(torch.dot(mean.vector.values[2], vb.values[2])) != pytest.approx(1.0)
 
@@ -81,6 +84,135 @@ def test_grains_never_selects_special_tokens(tiny_lm):
                                                                        "select_from": "prompt", "mode": "pos"}))
     prompt_tokens = {tiny_lm.tokenizer.decode([t]) for t in encode(tiny_lm, EXAMPLES[:1], BuilderParams())[0].prompt}
     assert set(only_prompt.vector.metadata["info"]["selections"][0]["pos"]) <= prompt_tokens
+
+
+# Pairs whose answers differ in their behaviour words only (the shape of docs/data/sentiment_pairs.jsonl).
+DIFFERING = [
+    PreferenceExample("Tell me about your day.", "It is wonderful and happy today.", "It is awful and sad today."),
+    PreferenceExample("How was the movie?", "I love this movie, it is wonderful.", "I hate this film, it is awful."),
+    PreferenceExample("How are you today?", "I am fine, thank you, happy.", "I am sad, thank you, awful."),
+    PreferenceExample("What is the capital of France?", "Paris is wonderful.", "Paris is awful."),
+]
+
+
+def _planted_pairs(lm):
+    """Chat prompts with answers that differ only in planted behaviour tokens (one or two, the same number in
+    both, so the masked sequences are the same for every replacement)."""
+    tok = lm.tokenizer
+    good, bad = tok.convert_tokens_to_ids(["hap", "py"]), tok.convert_tokens_to_ids(["wful", "ad"])
+    out = []
+    for i, (prompt, answer) in enumerate([("Tell me about your day.", "It is fine and you are fine today."),
+                                          ("How was the movie?", "The movie is fine, thank you."),
+                                          ("How are you today?", "I am fine, thank you."),
+                                          ("What is the capital of France?", "Paris is the capital of France.")]):
+        base = tok(answer, add_special_tokens=False)["input_ids"]
+        j, n = 2 + i % 2, 1 + i % 2
+        p_ids = encode(lm, [PreferenceExample(prompt, "x", "y")], BuilderParams(prompt_format="chat"))[0].prompt
+        out.append(Encoded(p_ids, base[:j] + good[:n] + base[j + n:], base[:j] + bad[:n] + base[j + n:]))
+    return out
+
+
+def _planted_scores(data, template):
+    """Integrated-gradients scores shaped like the default model's on the sentiment pairs: the template's
+    tokens get the largest scores of both signs ('\\n' +14.5, 'system' -4.7 there), the tokens both answers
+    share large ones (' was' +17.3 in y+, -14.5 in y-), and the behaviour words where the answers differ smaller
+    ones (' wonderful' +6.6, ' awful' -8.2); an answer's last token 0."""
+    out = []
+    for e in data:
+        P, pre, suf = len(e.prompt), *template
+        prompt = [(10.0 if i % 2 else -10.0) if i < pre or i >= P - suf else (0.1 if i % 2 else -0.1)
+                  for i in range(P)]
+        parts = []
+        for ans, other, sign in ((e.preferred, e.dispreferred, 1.0), (e.dispreferred, e.preferred, -1.0)):
+            parts.append([sign * (1.0 if d else 5.0) for d in unshared(ans, other)[:-1]] + [0.0])
+        out.append(torch.tensor(prompt + parts[0] + parts[1]))
+    return out
+
+
+@pytest.mark.parametrize("replacement", ["pad", "delete"])
+def test_grains_recovers_the_contrast_when_answers_differ_in_the_behaviour_tokens(tiny_lm, monkeypatch, replacement):
+    """Known direction: when y+ and y- differ only in their behaviour tokens, masking exactly those tokens in
+    both leaves the same sequence, so delta+ - delta- = h(S+) - h(S-) at the last token for every example: the
+    mean of the deltas' difference is the last-token contrast (CAA at position 'last'), at every layer. With the
+    reference code's choices (candidates: every token; PCA of the deltas) the template and the shared tokens are
+    masked instead and the direction is unrelated to the contrast (on the default model that vector moved VADER
+    the wrong way: -0.24 at layer 6, x0.25)."""
+    from steering.tasks.builders.contrast import CAA
+    from steering.tasks.builders.grains import Grains
+
+    data = _planted_pairs(tiny_lm)
+    template = template_affixes([e.prompt for e in data])
+    assert template[0] > 0 and template[1] > 0
+
+    def planted(ctx, rows, *args, **kwargs):
+        yield from ()
+        return _planted_scores(data, template)
+
+    monkeypatch.setattr(grains, "integrated_gradients", planted)
+    layers = list(range(tiny_lm.num_layers))
+
+    def directions(builder, **params):
+        out = run_job(lambda ctx: builder().run(ctx, data, layers, builder.Params(**params)), tiny_lm)
+        return {x: v / v.norm() for x, v in out.values.items()}, out.info
+
+    ref, _ = directions(CAA, position="last")
+    got, info = directions(Grains, replacement=replacement)
+    for layer in layers:
+        assert float(torch.dot(got[layer], ref[layer])) > 0.9999, layer
+    assert info["chosen_parts"]["pos"]["answer"] == info["chosen_parts"]["neg"]["answer"] == 6  # 1+2+1+2
+    assert info["chosen_parts"]["pos"]["template"] == info["chosen_parts"]["neg"]["prompt"] == 0
+    if replacement == "pad":  # the reference code's choices on the same scores: template and shared tokens, PCA
+        old, _ = directions(Grains, select_from="sequence", skip_template=False, aggregate="pca")
+        assert min(float(torch.dot(old[x], ref[x])) for x in layers) < 0.9
+
+
+def test_template_affixes_and_unshared_tokens():
+    assert template_affixes([[1, 2, 5, 6, 9], [1, 2, 7, 9], [1, 2, 8, 8, 8, 9]]) == (2, 1)
+    assert template_affixes([[1, 2, 3]]) == (0, 0)
+    assert template_affixes([[1, 2], [1, 2, 2]]) == (2, 0)  # prefix and suffix never overlap
+    assert unshared([5, 6, 7, 8], [5, 9, 7, 8]) == [False, True, False, False]
+    assert unshared([5, 6], [7, 8, 9]) == [True, True]
+    assert masked([10, 11, 12, 13], [1, 3], None) == [10, 12]  # delete
+
+
+def test_grains_candidates_on_real_attributions(tiny_lm):
+    """With real (tiny-model) attributions: 'differing' never chooses a prompt token or a token both answers
+    share; 'sequence' with the template skipped never chooses a token of the chat markup around the prompt."""
+    data = encode(tiny_lm, DIFFERING, BuilderParams(prompt_format="chat"))
+    pre, suf = template_affixes([e.prompt for e in data])
+    res = build(tiny_lm, BuildRequest(DIFFERING, "grains", {"k": 100, "n_steps": 4, "prompt_format": "chat"}))
+    info = res.vector.metadata["info"]
+    assert info["chosen_parts"]["pos"]["answer"] > 0 and info["chosen_parts"]["neg"]["answer"] > 0
+    for e, sel in zip(data, info["selections"], strict=True):
+        P = len(e.prompt)
+        for key, ans, other in (("pos_at", e.preferred, e.dispreferred), ("neg_at", e.dispreferred, e.preferred)):
+            diff = unshared(ans, other)
+            assert all(i >= P and diff[i - P] for i, _ in sel[key])
+    seq = build(tiny_lm, BuildRequest(DIFFERING, "grains", {"k": 100, "n_steps": 4, "prompt_format": "chat",
+                                                             "select_from": "sequence"})).vector
+    chosen = [(i, len(e.prompt)) for e, sel in zip(data, seq.metadata["info"]["selections"], strict=True)
+              for i, _ in sel["pos_at"] + sel["neg_at"] if i < len(e.prompt)]
+    assert chosen and all(pre <= i < P - suf for i, P in chosen)
+    assert seq.metadata["info"]["chosen_parts"]["pos"]["template"] == 0
+    raw = build(tiny_lm, BuildRequest(DIFFERING, "grains", {"k": 100, "n_steps": 4, "prompt_format": "chat",
+                                                             "select_from": "sequence", "skip_template": False}))
+    parts = raw.vector.metadata["info"]["chosen_parts"]
+    assert parts["pos"]["template"] + parts["neg"]["template"] > 0
+
+
+def test_grains_replacements(tiny_lm):
+    """The baseline embedding in place of the chosen tokens equals writing the token whose embedding it is;
+    deleting them is another counterfactual."""
+    p = {"k": 3, "n_steps": 4, "select_from": "sequence"}
+    eos = build(tiny_lm, BuildRequest(EXAMPLES, "grains", {**p, "replacement": "eos", "baseline": "eos"})).vector
+    base = build(tiny_lm, BuildRequest(EXAMPLES, "grains", {**p, "replacement": "baseline", "baseline": "eos"})).vector
+    zeros = build(tiny_lm, BuildRequest(EXAMPLES, "grains", {**p, "replacement": "baseline"})).vector
+    deleted = build(tiny_lm, BuildRequest(EXAMPLES, "grains", {**p, "replacement": "delete", "baseline": "eos"})).vector
+    for layer in eos.layers:
+        torch.testing.assert_close(base.values[layer], eos.values[layer], atol=1e-5, rtol=1e-4)
+    assert float(torch.dot(zeros.values[2], eos.values[2])) < 0.9999
+    assert float(torch.dot(deleted.values[2], eos.values[2])) < 0.9999
+    assert deleted.metadata["info"]["replacement_token"] == {"id": None, "text": "delete"}
 
 
 def _answer_states(lm, e, layer):
