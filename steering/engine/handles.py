@@ -71,7 +71,7 @@ class RequestHandle:
         """The backend's timing record, live while it runs."""
         self._bridge = _LoopBridge(loop, on_cancel)
         self._async_q: asyncio.Queue[RequestOutput] | None = asyncio.Queue() if loop else None
-        self._sync_q: queue.Queue[RequestOutput] | None = None if loop else queue.Queue()
+        self._sync_q: queue.SimpleQueue[RequestOutput] | None = None if loop else queue.SimpleQueue()
 
     @property
     def cancelled(self) -> bool:

