@@ -75,8 +75,9 @@ def conditions_from_options(store, vectors: list[str], scales: list[str], layers
                 raise typer.BadParameter("--layers needs --scale (without both, the vector's sweep choice is used)",
                                          param_hint="--layers")
             app = sweep_choice(vec, param="--scale")
-            out.append(Condition(label_for(name, app.layers or vec.layers, app.scale, False) + " (sweep)",
-                                 SteeringSpec([app])))
+            label = (f"{name} (stored setting)" if app.scale is None else
+                     label_for(name, app.layers or vec.layers, app.scale, False) + " (sweep)")
+            out.append(Condition(label, SteeringSpec([app])))
             continue
         try:
             values = [float(s) for s in scale_text.split(",") if s.strip()]

@@ -4,6 +4,7 @@ the server reads, ``$STEERSERVE_VECTOR_DIR``), with progress bars for the long j
 from __future__ import annotations
 
 import json
+from dataclasses import replace
 from pathlib import Path
 from typing import Annotated
 
@@ -33,25 +34,65 @@ app = typer.Typer(add_completion=False, no_args_is_help=True,
 
 
 def _sweep_table(res) -> Table:
-    table = Table(title=f"sweep on {res.examples} examples ({res.metric}); unsteered: accuracy "
-                        f"{res.baseline['accuracy']:.3f}, margin {res.baseline['margin']:+.3f}")
-    for col in ("layer", "scale", "scale_abs", "accuracy", "margin"):
+    fl = res.fluency
+    title = (f"sweep on {res.examples} examples ({res.metric}); unsteered: accuracy {res.baseline['accuracy']:.3f}, "
+             f"margin {res.baseline['margin']:+.3f}")
+    if fl:
+        title += f"; fluency on {fl['prompts']} prompts x {fl['max_tokens']} tokens, budget {fl['budget']:g}"
+    table = Table(title=title)
+    cols = ["layers", "scale", "scale_abs", "positions", "normalize", "accuracy", "margin"]
+    if fl:
+        cols.append("ppl ratio")
+    for col in cols:
         table.add_column(col, justify="right")
     for r in res.table:
         mark = " *" if r is res.best else ""
-        table.add_row(str(r["layer"]), f"{r['scale']:g}{mark}", f"{r['scale_abs']:.3g}", f"{r['accuracy']:.3f}",
-                      f"{r['margin']:+.3f}")
+        cells = [_span(r["layers"]), f"{r['scale']:g}{mark}", ",".join(f"{x:.3g}" for x in r["scale_abs"]),
+                 str(r["positions"]), "on" if r["normalize"] else "off", f"{r['accuracy']:.3f}", f"{r['margin']:+.3f}"]
+        if fl:
+            ratio = r.get("perplexity_ratio")
+            cells.append("-" if ratio is None else f"{ratio:.3f}" + ("" if r.get("within_budget") else " over"))
+        table.add_row(*cells)
     return table
 
 
-def _sweep_config(scales: str, layers: str | None, absolute: bool, metric: str, positions: str):
-    from cli.common import parse_positions
-    from steering.tasks.builders import SweepConfig
+ScalesOpt = Annotated[str, typer.Option(help="Sweep scales, comma-separated.")]
+RangesOpt = Annotated[str | None, typer.Option(
+    "--layer-ranges", help="Sweep layer ranges that act together with the scale split between their layers, "
+                           "';'-separated, e.g. '4-7;10-13'.")]
+AbsoluteOpt = Annotated[bool, typer.Option(help="Sweep scales are absolute (default: fractions of each layer's mean "
+                                                "hidden-state norm).")]
+MetricOpt = Annotated[str, typer.Option(help="Sweep metric: accuracy or margin.")]
+PositionsOpt = Annotated[str, typer.Option(help="Sweep positions: all, prompt or generated (the answer tokens), "
+                                                "several comma-separated ('all,generated'), or explicit positions.")]
+NormalizeOpt = Annotated[str, typer.Option(help="Sweep normalize: on, off or both.")]
+BudgetOpt = Annotated[float | None, typer.Option(
+    "--fluency-budget", help="Score fluency (perplexity ratio of greedy continuations of the first validation "
+                             "prompts) and choose the best setting within this ratio, e.g. 1.2.")]
+FluencyPromptsOpt = Annotated[int, typer.Option(help="Validation prompts continued for fluency.")]
+FluencyTokensOpt = Annotated[int, typer.Option(help="Tokens per fluency continuation.")]
 
-    pos = parse_positions(positions)
+
+def _sweep_config(scales: str, layers: str | None, ranges: str | None, absolute: bool, metric: str, positions: str,
+                  normalize: str, budget: float | None, fluency_prompts: int, fluency_tokens: int):
+    from cli.common import parse_positions
+    from steering.tasks.builders import FluencyConfig, SweepConfig
+
+    kinds = [p.strip() for p in positions.split(",") if p.strip()]
+    pos = kinds if kinds and all(k in ("all", "prompt", "generated") for k in kinds) else parse_positions(positions)
+    if isinstance(pos, list) and len(pos) == 1 and isinstance(pos[0], str):
+        pos = pos[0]
+    if normalize not in ("on", "off", "both"):
+        raise typer.BadParameter("normalize must be on, off or both", param_hint="--normalize")
+    norm: bool | list[bool] = [True, False] if normalize == "both" else normalize == "on"
+    layer_ranges = [parse_layers(r) or [] for r in ranges.split(";") if r.strip()] if ranges else []
     return SweepConfig(scales=[float(s) for s in scales.split(",") if s.strip()], layers=parse_layers(layers),
-                       relative=not absolute, metric=metric,  # type: ignore[arg-type]  # checked by check_sweep
-                       positions=pos if isinstance(pos, str) else tuple(pos))  # type: ignore[arg-type]
+                       layer_ranges=layer_ranges, relative=not absolute,
+                       metric=metric,  # type: ignore[arg-type]  # checked by check_sweep
+                       positions=pos if isinstance(pos, str) or isinstance(pos[0], str)  # type: ignore[arg-type]
+                       else tuple(pos),  # type: ignore[arg-type]
+                       normalize=norm,
+                       fluency=None if budget is None else FluencyConfig(fluency_prompts, fluency_tokens, budget))
 
 
 @app.command()
@@ -66,11 +107,15 @@ def build(
     layers: Annotated[str | None, typer.Option(help="Layers to build, e.g. '10-20' (default: all).")] = None,
     validation: Annotated[Path | None, typer.Option(help="Validation examples: then sweep layers x scales.")] = None,
     validation_rows: Annotated[str | None, typer.Option(help="Rows of the validation file.")] = None,
-    scales: Annotated[str, typer.Option(help="Sweep scales, comma-separated.")] = "0.25,0.5,1,2",
-    absolute: Annotated[bool, typer.Option(help="Sweep scales are absolute (default: fractions of each layer's "
-                                                "mean hidden-state norm).")] = False,
-    metric: Annotated[str, typer.Option(help="Sweep metric: accuracy or margin.")] = "accuracy",
-    positions: Annotated[str, typer.Option(help="Sweep positions: all, prompt, generated.")] = "all",
+    scales: ScalesOpt = "0.25,0.5,1,2",
+    layer_ranges: RangesOpt = None,
+    absolute: AbsoluteOpt = False,
+    metric: MetricOpt = "accuracy",
+    positions: PositionsOpt = "all",
+    normalize: NormalizeOpt = "on",
+    fluency_budget: BudgetOpt = None,
+    fluency_prompts: FluencyPromptsOpt = 8,
+    fluency_tokens: FluencyTokensOpt = 24,
     template: Annotated[str, typer.Option(help="TruthfulQA CSV prompt template.")] = "Q: {question}\nA:",
     overwrite: Annotated[bool, typer.Option(help="Replace an existing vector of that name.")] = False,
     vector_dir: DirOpt = DEFAULT_VECTOR_DIR,
@@ -97,7 +142,8 @@ def build(
         if name in reg and not overwrite:
             raise typer.BadParameter(f"vector {name!r} exists in {vector_dir}; pass --overwrite", param_hint="--name")
         req = BuildRequest(examples, method, params, validation=val,
-                           sweep=_sweep_config(scales, layers, absolute, metric, positions) if val else None)
+                           sweep=_sweep_config(scales, layers, layer_ranges, absolute, metric, positions, normalize,
+                                               fluency_budget, fluency_prompts, fluency_tokens) if val else None)
         res = run_with_bar(f"{method} ({len(examples)} examples)",
                             lambda cb: run_build(lm, req, on_progress=cb))
         res.vector.metadata["source"] = "build"
@@ -116,11 +162,19 @@ def sweep(
     name: Annotated[str, typer.Argument(help="Vector to sweep.")],
     data: Annotated[Path, typer.Argument(help="Validation examples (.jsonl or TruthfulQA .csv).")],
     rows: RowsOpt = None,
-    scales: Annotated[str, typer.Option(help="Scales, comma-separated.")] = "0.25,0.5,1,2",
-    layers: Annotated[str | None, typer.Option(help="Layers (default: all of the vector's).")] = None,
-    absolute: Annotated[bool, typer.Option(help="Absolute scales (default: fractions of hidden norms).")] = False,
-    metric: Annotated[str, typer.Option(help="accuracy or margin.")] = "accuracy",
-    positions: Annotated[str, typer.Option(help="all, prompt, generated.")] = "all",
+    scales: ScalesOpt = "0.25,0.5,1,2",
+    layers: Annotated[str | None, typer.Option(help="Single layers (default: all of the vector's, or none with "
+                                                    "--layer-ranges).")] = None,
+    layer_ranges: RangesOpt = None,
+    absolute: AbsoluteOpt = False,
+    metric: MetricOpt = "accuracy",
+    positions: PositionsOpt = "all",
+    normalize: NormalizeOpt = "on",
+    fluency_budget: BudgetOpt = None,
+    fluency_prompts: FluencyPromptsOpt = 8,
+    fluency_tokens: FluencyTokensOpt = 24,
+    save: Annotated[bool, typer.Option(help="Store the chosen setting with the vector (used when a request names "
+                                            "it without a scale).")] = False,
     template: Annotated[str, typer.Option(help="TruthfulQA CSV prompt template.")] = "Q: {question}\nA:",
     output: Annotated[Path | None, typer.Option(help="Write the table as JSON here.")] = None,
     vector_dir: DirOpt = DEFAULT_VECTOR_DIR,
@@ -128,21 +182,31 @@ def sweep(
     device: DeviceOpt = "auto",
     dtype: DtypeOpt = "auto",
 ) -> None:
-    """Score a vector over layers x scales on validation examples (binary preferred vs dispreferred)."""
-    from steering.datasets import load_examples
+    """Score a vector's settings (layers and layer ranges x scales x positions x normalize) on validation examples
+    (binary preferred vs dispreferred), optionally under a fluency budget, and optionally store the choice."""
+    from steering.datasets import dataset_hash, load_examples
     from steering.errors import SteeringError
     from steering.files import atomic_write_text
     from steering.tasks.builders import sweep as run_sweep
+    from steering.tasks.builders.sweep import stored_setting
 
     try:
         examples = load_examples(data, rows, template)
         lm = load(model, device, dtype)
-        vec = open_store(vector_dir, lm).get(name)
-        cfg = _sweep_config(scales, layers, absolute, metric, positions)
+        reg = open_store(vector_dir, lm)
+        vec = reg.get(name)
+        cfg = _sweep_config(scales, layers, layer_ranges, absolute, metric, positions, normalize, fluency_budget,
+                            fluency_prompts, fluency_tokens)
         res = run_with_bar(f"sweep {name}", lambda cb: run_sweep(lm, vec, examples, cfg, on_progress=cb))
+        setting = stored_setting(res, cfg, dataset_hash(examples)) if save else None
+        if setting is not None:
+            reg.put(name, replace(vec, metadata={**vec.metadata, "setting": setting}), overwrite=True)
     except SteeringError as exc:
         fail(exc)
     Console().print(_sweep_table(res))
+    if save:
+        console.print(f"stored the chosen setting with [bold]{name}[/bold]" if setting is not None else
+                      "[yellow]no setting was within the fluency budget; nothing stored[/yellow]")
     if output is not None:
         atomic_write_text(output, json.dumps(res.as_dict(), indent=2))
 

@@ -11,6 +11,11 @@ does not depend on whether a KV cache is used. At a steered layer, with the sum 
 applications and R of the others:
     h' = (h + N) * ||h|| / ||h + N|| + R          (norms over the hidden dimension, per token)
 With only normalising applications this is the GrAInS rule h' = (h + s*v) ||h|| / ||h + s*v||.
+
+A vector given without a ``scale`` steers with its stored setting (:func:`stored_setting`: the layers,
+per-layer scales, positions and normalize a sweep chose under a fluency budget), where it has one; positions and
+normalize given in the request still win. Without a stored setting the scale is 1, positions ``all`` and
+normalize off.
 """
 
 from __future__ import annotations
@@ -57,15 +62,17 @@ def describe_positions(positions: Positions) -> str | list[int]:
 class SteeringApplication:
     vector: str | SteeringVector
     """A registered vector's name, or a vector given inline."""
-    scale: float = 1.0
+    scale: float | None = None
+    """None: the vector's stored setting, else 1."""
     layers: Sequence[int] | None = None
-    """None: every layer the vector has values for."""
-    positions: Positions | Sequence[int] = "all"
-    """A position kind or absolute token positions (kept as a tuple)."""
-    normalize: bool = False
+    """None: every layer the vector has values for (or its stored setting's, without a scale)."""
+    positions: Positions | Sequence[int] | None = None
+    """A position kind or absolute token positions (kept as a tuple); None: the stored setting's, else ``all``."""
+    normalize: bool | None = None
+    """None: the stored setting's, else off."""
 
     def __post_init__(self) -> None:
-        if not isinstance(self.positions, str):
+        if self.positions is not None and not isinstance(self.positions, str):
             self.positions = tuple(self.positions)
 
     @property
@@ -76,15 +83,16 @@ class SteeringApplication:
         src: dict[str, Any] = ({"name": self.vector} if isinstance(self.vector, str)
                                else {"values": {str(k): v.tolist() for k, v in sorted(self.vector.values.items())}})
         return {**src, "scale": self.scale, "layers": None if self.layers is None else list(self.layers),
-                "positions": self.positions if isinstance(self.positions, str) else list(self.positions),
-                "normalize": self.normalize}
+                "positions": self.positions if self.positions is None or isinstance(self.positions, str)
+                else list(self.positions), "normalize": self.normalize}
 
     @classmethod
     def from_dict(cls, data: Mapping[str, Any]) -> SteeringApplication:
         vector: str | SteeringVector = data["name"] if data.get("name") is not None else \
             SteeringVector.from_lists({int(k): v for k, v in data["values"].items()})
-        return cls(vector, float(data.get("scale", 1.0)), data.get("layers"), data.get("positions", "all"),
-                   bool(data.get("normalize", False)))
+        scale, normalize = data.get("scale"), data.get("normalize")
+        return cls(vector, None if scale is None else float(scale), data.get("layers"), data.get("positions"),
+                   None if normalize is None else bool(normalize))
 
 
 @dataclass
@@ -139,6 +147,37 @@ class ResolvedSteering:
 VectorLookup = Callable[[str], SteeringVector]
 
 
+@dataclass(frozen=True)
+class StoredSetting:
+    """How a vector steers when a request names it without a scale (chosen by a sweep)."""
+
+    scales: Mapping[int, float]
+    """Absolute scale per layer."""
+    positions: Positions
+    normalize: bool
+
+    @property
+    def layers(self) -> list[int]:
+        return sorted(self.scales)
+
+
+def stored_setting(vector: SteeringVector) -> StoredSetting | None:
+    """The vector's ``setting`` metadata (written by a build's or a sweep's choice), checked; None without one or
+    when it does not fit the vector."""
+    raw = vector.metadata.get("setting")
+    if not isinstance(raw, Mapping):
+        return None
+    try:
+        scales = {int(k): float(v) for k, v in dict(raw["scales_abs"]).items()}
+        positions = parse_positions(raw.get("positions", "all"))
+        normalize = bool(raw.get("normalize", False))
+    except (KeyError, TypeError, ValueError, SteeringValidationError):
+        return None
+    if not scales or any(x not in vector.values or not math.isfinite(s) for x, s in scales.items()):
+        return None
+    return StoredSetting(scales, positions, normalize)
+
+
 def resolve(spec: SteeringSpec, *, hidden_size: int, num_layers: int, max_len: int | None = None,
             lookup: VectorLookup | None = None, param: str = "steering.vectors") -> ResolvedSteering:
     """Check every application against the model (and look up named vectors) before anything runs.
@@ -149,7 +188,7 @@ def resolve(spec: SteeringSpec, *, hidden_size: int, num_layers: int, max_len: i
         raise SteeringValidationError("steering spec has no vectors", param=param)
     if len(apps) > MAX_APPLICATIONS:
         raise SteeringValidationError(f"at most {MAX_APPLICATIONS} steering vectors per request", param=param)
-    out = []
+    out: list[ResolvedApplication] = []
     for i, app in enumerate(apps):
         where = f"{param}[{i}]"
         vec = app.vector
@@ -167,7 +206,22 @@ def resolve(spec: SteeringSpec, *, hidden_size: int, num_layers: int, max_len: i
         except SteeringValidationError as exc:
             raise SteeringValidationError(f"{where}: {exc.message}", param=f"{where}.{exc.param or 'values'}") \
                 from None
-        if not isinstance(app.scale, (int, float)) or isinstance(app.scale, bool) or not math.isfinite(app.scale):
+        setting = stored_setting(vec) if app.scale is None else None
+        if setting is not None:
+            if app.layers is not None and sorted(app.layers) != setting.layers:
+                raise SteeringValidationError(
+                    f"{where}: without a scale, vector {app.name or 'inline'!r} steers with its stored setting, "
+                    f"which acts at layers {setting.layers}; give a scale to steer other layers",
+                    param=f"{where}.scale")
+            pos = setting.positions if app.positions is None else parse_positions(app.positions,
+                                                                                 f"{where}.positions")
+            norm = setting.normalize if app.normalize is None else bool(app.normalize)
+            out += [ResolvedApplication(vec.name if isinstance(app.vector, SteeringVector) else app.vector,
+                                        {x: vec.values[x]}, s, pos, norm)
+                    for x, s in sorted(setting.scales.items())]
+            continue
+        scale = 1.0 if app.scale is None else app.scale
+        if not isinstance(scale, (int, float)) or isinstance(scale, bool) or not math.isfinite(scale):
             raise SteeringValidationError(f"{where}.scale must be a finite number", param=f"{where}.scale")
         layers = sorted(app.layers) if app.layers is not None else vec.layers
         if not layers:
@@ -183,12 +237,12 @@ def resolve(spec: SteeringSpec, *, hidden_size: int, num_layers: int, max_len: i
                 raise SteeringValidationError(
                     f"{where}: the vector has no values for layer {layer}; it has layers {vec.layers}",
                     param=f"{where}.layers")
-        positions = parse_positions(app.positions, f"{where}.positions")
+        positions = parse_positions("all" if app.positions is None else app.positions, f"{where}.positions")
         if max_len is not None and not isinstance(positions, str) and positions[-1] >= max_len:
             raise SteeringValidationError(
                 f"{where}.positions: position {positions[-1]} is beyond the longest sequence this model runs "
                 f"({max_len} tokens)", param=f"{where}.positions")
         out.append(ResolvedApplication(vec.name if isinstance(app.vector, SteeringVector) else app.vector,
-                                       {layer: vec.values[layer] for layer in layers}, float(app.scale),
+                                       {layer: vec.values[layer] for layer in layers}, float(scale),
                                        positions, bool(app.normalize)))
     return ResolvedSteering(tuple(out))

@@ -98,10 +98,12 @@ class SteeringVectorRef(Strict):
 
     name: VectorName | None = None
     values: Annotated[dict[LayerKey, list[float]], Field(min_length=1, json_schema_extra=LAYER_VALUES)] | None = None
-    scale: float = 1.0
-    layers: list[int] | None = None
-    positions: PositionsField = "all"
-    normalize: bool = False
+    scale: float | None = Field(None, description="default: a named vector's stored setting (the layers, scales, "
+                                                  "positions and normalize its sweep chose), else 1")
+    layers: list[int] | None = Field(None, description="default: every layer of the vector (its stored setting's "
+                                                       "without a scale)")
+    positions: PositionsField | None = Field(None, description="default: the stored setting's, else all")
+    normalize: bool | None = Field(None, description="default: the stored setting's, else false")
 
     @model_validator(mode="after")
     def _one_source(self) -> SteeringVectorRef:

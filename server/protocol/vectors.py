@@ -8,7 +8,7 @@ from pydantic import BaseModel, ConfigDict, Field
 
 from server.protocol.common import LAYER_VALUES, LayerKey, PositionsField, Strict, VectorName
 from steering.datasets import PreferenceExample
-from steering.tasks.builders import BuildRequest, SweepConfig
+from steering.tasks.builders import BuildRequest, FluencyConfig, SweepConfig
 from steering.vectors import SteeringVector
 
 
@@ -56,21 +56,48 @@ def examples(items: list[PreferenceExampleIn]) -> list[PreferenceExample]:
     return [e.to_core() for e in items]
 
 
+class FluencySpec(Strict):
+    """Score each setting's fluency: greedy continuations of the first validation prompts, their perplexity under
+    the unsteered model over the unsteered continuations' (the ratio); a chosen setting stays within ``budget``."""
+
+    prompts: int = Field(8, ge=1, le=256)
+    max_tokens: int = Field(24, ge=1, le=256)
+    budget: float = Field(1.2, ge=1.0, allow_inf_nan=False)
+
+    def to_core(self) -> FluencyConfig:
+        return FluencyConfig(prompts=self.prompts, max_tokens=self.max_tokens, budget=self.budget)
+
+
 class SweepSpec(Strict):
-    """Layers x scales scored on validation examples (binary: preferred against dispreferred)."""
+    """Settings scored on validation examples (binary: preferred against dispreferred): single layers and layer
+    ranges (the scale split between their layers) x scales x positions x normalize; the best by ``metric`` (within
+    the fluency budget when ``fluency`` is given) is chosen."""
 
     scales: Annotated[list[float], Field(min_length=1, max_length=64)] = [0.25, 0.5, 1.0, 2.0]
     layers: list[int] | None = None
+    """Single-layer settings (default: every layer of the vector, or none when ``layer_ranges`` are given)."""
+    layer_ranges: Annotated[list[Annotated[list[int], Field(min_length=1)]], Field(max_length=64)] = []
+    """Sets of layers that act together, e.g. [[4, 5, 6, 7]]: each gets scale / 4."""
     relative: bool = True
     """Scales are fractions of each layer's mean hidden-state norm (recorded when the vector was built)."""
-    normalize: bool = True
-    positions: PositionsField = "all"
+    normalize: bool | Annotated[list[bool], Field(min_length=1, max_length=2)] = True
+    positions: PositionsField | Annotated[list[PositionsField], Field(min_length=1, max_length=8)] = "all"
+    """One position kind (or explicit positions), or a list of them to sweep; ``generated`` acts on the answer
+    tokens only."""
     metric: Literal["accuracy", "margin"] = "accuracy"
+    fluency: FluencySpec | None = None
 
     def to_core(self) -> SweepConfig:
-        return SweepConfig(scales=list(self.scales), layers=self.layers, relative=self.relative,
-                           normalize=self.normalize, metric=self.metric,
-                           positions=self.positions if isinstance(self.positions, str) else tuple(self.positions))
+        pos = self.positions
+        if isinstance(pos, list) and pos and not all(isinstance(x, int) for x in pos):
+            positions: Any = [x if isinstance(x, str) else tuple(x) for x in pos]  # type: ignore[arg-type]
+        else:
+            positions = pos if isinstance(pos, str) else tuple(pos)
+        return SweepConfig(scales=list(self.scales), layers=self.layers,
+                           layer_ranges=[list(r) for r in self.layer_ranges], relative=self.relative,
+                           normalize=self.normalize if isinstance(self.normalize, bool) else list(self.normalize),
+                           positions=positions, metric=self.metric,
+                           fluency=self.fluency.to_core() if self.fluency else None)
 
 
 class VectorBuildRequest(Strict):
@@ -99,6 +126,8 @@ class VectorSweepRequest(Strict):
     sweep: SweepSpec = SweepSpec()
     params: dict[str, Any] | None = None
     """How to encode the examples (prompt_format, system_prompt, separator); default: as the vector was built."""
+    save: bool = False
+    """Store the chosen setting with the vector (used when a request names it without a scale)."""
 
 
 class VectorRename(Strict):

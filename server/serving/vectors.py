@@ -8,6 +8,8 @@ from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
+import torch
+
 from server.auth import Principal
 from server.protocol.vectors import (
     BuilderInfo,
@@ -22,11 +24,13 @@ from server.protocol.vectors import (
 )
 from server.serving.jobs import JobService
 from server.serving.threads import prepare
+from steering.datasets import dataset_hash
 from steering.engine.base import ModelFront
-from steering.errors import UnsupportedError
+from steering.errors import ConflictError, UnsupportedError
 from steering.gguf_vectors import export_for_llama_cpp
 from steering.store import VectorExistsError, VectorStore, check_name
 from steering.tasks import builders
+from steering.tasks.builders.sweep import stored_setting
 from steering.vectors import SteeringVector
 
 
@@ -103,6 +107,30 @@ class VectorService:
     async def sweep(self, name: str, req: VectorSweepRequest, owner: Principal) -> JobInfo:
         jobs = self._jobs()
         vec = self.store.get(name)
-        work = await prepare(builders.prepare_sweep, self.model, vec, examples(req.examples), req.sweep.to_core(),
-                             req.params, self.limits)
-        return jobs.submit("vector_sweep", work, lambda res: res.as_dict(), owner)
+        cfg = req.sweep.to_core()
+        data = examples(req.examples)
+        work = await prepare(builders.prepare_sweep, self.model, vec, data, cfg, req.params, self.limits)
+
+        def finish(result: builders.SweepResult) -> dict[str, Any]:
+            out = result.as_dict()
+            if req.save:
+                out["saved"] = self._save_setting(name, vec, result, cfg, data)
+            return out
+
+        return jobs.submit("vector_sweep", work, finish, owner)
+
+    def _save_setting(self, name: str, swept: SteeringVector, result: builders.SweepResult,
+                      cfg: builders.SweepConfig, data: list) -> bool:
+        """Store the sweep's choice with the vector, unless nothing was chosen; refuse when the vector was
+        replaced or removed while the sweep ran (the choice was made for other values)."""
+        setting = stored_setting(result, cfg, dataset_hash(data))
+        if setting is None:
+            return False
+        current = self.store.get(name)
+        if current.layers != swept.layers or any(not torch.equal(current.values[x], swept.values[x])
+                                                 for x in swept.layers):
+            raise ConflictError(f"steering vector {name!r} was replaced while the sweep ran; its setting was not "
+                                "saved", param="name")
+        meta = {**current.metadata, "setting": setting}
+        self.store.put(name, replace(current, metadata=meta), overwrite=True)
+        return True

@@ -45,3 +45,35 @@ def test_cli_vectors(tiny_dir, tiny_lm, tmp_path):
     bad = CliRunner().invoke(app, ["vectors", "build", str(data), "--name", "x", "--method", "zz", *vd, *model])
     assert bad.exit_code == 2 and "valid methods" in bad.output
     assert CliRunner().invoke(app, ["vectors", "delete", "g3", *vd]).exit_code == 0
+
+
+def test_cli_sweep_under_a_fluency_budget_stores_the_setting(tiny_dir, tiny_lm, tmp_path):
+    from typer.testing import CliRunner
+
+    from cli.main import app
+
+    data = tmp_path / "d.jsonl"
+    data.write_text("\n".join(json.dumps(e.__dict__) for e in EXAMPLES) + "\n")
+    vd = ["--vector-dir", str(tmp_path / "vecs")]
+    model = ["--model", str(tiny_dir), "--device", "cpu"]
+    r = CliRunner().invoke(app, ["vectors", "build", str(data), "--name", "c", "--method", "caa", "--layers", "1-3",
+                                 *vd, *model])
+    assert r.exit_code == 0, r.output
+    r = CliRunner().invoke(app, ["vectors", "sweep", "c", str(data), "--scales", "0.25,8", "--layers", "1",
+                                 "--layer-ranges", "2-3", "--positions", "all,generated", "--normalize", "both",
+                                 "--metric", "margin", "--fluency-budget", "1.2", "--fluency-prompts", "3",
+                                 "--fluency-tokens", "6", "--save", "--output", str(tmp_path / "s.json"), *vd, *model])
+    assert r.exit_code == 0, r.output
+    res = json.loads((tmp_path / "s.json").read_text())
+    assert len(res["table"]) == 2 * 2 * 2 * 2 and "ppl" in r.output \
+        and "stored the chosen setting" in r.output
+    reg = VectorStore(tmp_path / "vecs", tiny_lm.info.identity())
+    reg.load_all()
+    setting = reg.get("c").metadata["setting"]
+    assert setting["layers"] == res["best"]["layers"] and res["best"]["within_budget"]
+    bad = CliRunner().invoke(app, ["vectors", "sweep", "c", str(data), "--normalize", "sometimes", *vd, *model])
+    assert bad.exit_code == 2 and "on, off or both" in bad.output
+    none = CliRunner().invoke(app, ["vectors", "sweep", "c", str(data), "--scales", "8", "--layers", "2",
+                                    "--fluency-budget", "1", "--fluency-prompts", "3", "--fluency-tokens", "6",
+                                    "--save", *vd, *model])
+    assert none.exit_code == 0 and "nothing stored" in none.output

@@ -152,3 +152,41 @@ def test_concurrent_builds_all_finish(server, client):
         t.join()
     assert set(results.values()) == {"succeeded"}
     assert {f"par-{i}" for i in range(4)} <= {v["name"] for v in client.list_vectors()}
+
+
+def test_sweep_under_a_fluency_budget_saves_the_setting_that_requests_without_a_scale_use(server, client,
+                                                                                           model_name):
+    url, _ = server
+    assert client.wait(client.build_vector("caa-set", EXAMPLES, method="caa", params={"layers": [1, 2, 3]})["id"],
+                       poll=0.02)["status"] == "succeeded"
+    body = {"examples": EXAMPLES, "save": True,
+            "sweep": {"scales": [0.25, 8.0], "layers": [1], "layer_ranges": [[2, 3]], "metric": "margin",
+                      "positions": ["all", "generated"], "fluency": {"prompts": 3, "max_tokens": 6, "budget": 1.2}}}
+    r = httpx.post(url + "/v1/steering/vectors/caa-set/sweep", json=body)
+    assert r.status_code == 202, r.text
+    done = client.wait(r.json()["id"], poll=0.02)
+    assert done["status"] == "succeeded", done
+    res = done["result"]
+    assert len(res["table"]) == 2 * 2 * 2 and res["fluency"]["budget"] == 1.2
+    best = res["best"]
+    assert best["within_budget"] and res["saved"] is True
+    setting = client.get_vector("caa-set")["metadata"]["setting"]
+    assert (setting["layers"], setting["scale"], setting["positions"]) == (best["layers"], best["scale"],
+                                                                          best["positions"])
+    chat = {"model": model_name, "messages": [{"role": "user", "content": "hello"}], "max_tokens": 4,
+            "temperature": 0}
+    named = httpx.post(url + "/v1/chat/completions", json={**chat, "steering": {"vectors": [{"name": "caa-set"}]}})
+    assert named.status_code == 200, named.text
+    applied = named.json()["steering"]
+    assert [(a["layers"], a["scale"], a["positions"]) for a in applied] == [
+        ([x], pytest.approx(s, rel=1e-5), best["positions"]) for x, s in zip(best["layers"], best["scale_abs"])]
+    explicit = [{"name": "caa-set", "scale": s, "layers": [x], "positions": best["positions"],
+                 "normalize": best["normalize"]} for x, s in zip(best["layers"], best["scale_abs"])]
+    same = httpx.post(url + "/v1/chat/completions", json={**chat, "steering": {"vectors": explicit}})
+    assert same.json()["choices"][0]["message"]["content"] == named.json()["choices"][0]["message"]["content"]
+    other = httpx.post(url + "/v1/chat/completions",
+                       json={**chat, "steering": {"vectors": [{"name": "caa-set", "layers": [0]}]}})
+    assert other.status_code == 400 and "give a scale" in other.json()["error"]["message"]
+    bad = httpx.post(url + "/v1/steering/vectors/caa-set/sweep",
+                     json={**body, "sweep": {**body["sweep"], "fluency": {"budget": 0.5}}})
+    assert bad.status_code == 400 and bad.json()["error"]["param"].startswith("sweep")

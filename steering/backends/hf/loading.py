@@ -83,7 +83,29 @@ def resolve_dtype(dtype: str, device: torch.device) -> torch.dtype:
     return _DTYPES[dtype]
 
 
-_CONVERSION_FORMAT = 2  # bump when the converted layout changes, so stale caches are rebuilt
+_CONVERSION_FORMAT = 3  # bump when the converted layout changes, so stale caches are rebuilt
+_GGUF_TOKENIZER_FLAGS = {"tokenizer.ggml.add_bos_token": "add_bos_token",
+                         "tokenizer.ggml.add_eos_token": "add_eos_token"}
+
+
+def gguf_tokenizer_flags(gguf_path: Path) -> dict[str, bool]:
+    """The GGUF's own word on whether the tokenizer adds BOS / EOS (llama.cpp honours it; transformers'
+    conversion drops it, e.g. Gemma's ``add_bos_token``, without which a Gemma model reads garbage)."""
+    from gguf import GGUFReader
+
+    reader = GGUFReader(str(gguf_path))
+    out = {}
+    for key, attr in _GGUF_TOKENIZER_FLAGS.items():
+        field = reader.fields.get(key)
+        if field is not None and field.data:
+            out[attr] = bool(field.parts[field.data[0]][0])
+    return out
+
+
+def apply_tokenizer_flags(tokenizer, flags: dict[str, bool]) -> None:
+    for attr, value in flags.items():
+        if hasattr(tokenizer, attr) and bool(getattr(tokenizer, attr)) != value:
+            setattr(tokenizer, attr, value)
 
 
 def _gguf_cache_key(path: Path) -> str:
@@ -113,6 +135,7 @@ def convert_gguf(gguf_path: Path, cache_dir: Path | None = None) -> Path:
             str(gguf_path.parent), gguf_file=gguf_path.name, dtype=torch.float32
         )
         tokenizer = AutoTokenizer.from_pretrained(str(gguf_path.parent), gguf_file=gguf_path.name)
+        apply_tokenizer_flags(tokenizer, gguf_tokenizer_flags(gguf_path))
         tmp.mkdir()
         # A plain HF checkpoint (loadable by transformers and vLLM alike): tied lm_head left out, and the
         # weights are already dequantised, so the GGUF quantization_config is dropped.

@@ -11,6 +11,8 @@ own gradient).
 
 from __future__ import annotations
 
+import contextlib
+import functools
 from collections.abc import Sequence
 from typing import Literal
 
@@ -22,12 +24,46 @@ from steering.tasks.packing import Segment, pack, targets
 from steering.tasks.scoring import group_logprobs, packed_forward
 
 Baseline = Literal["zeros", "pad", "eos"]
+Precision = Literal["auto", "model", "bfloat16"]
+
+
+@functools.cache
+def _native_bf16(device_type: str) -> bool:
+    """Whether matrix products in bfloat16 run natively (faster than float32) on this device."""
+    if device_type == "cuda":
+        return bool(torch.cuda.is_available() and torch.cuda.is_bf16_supported())
+    if device_type == "cpu":
+        try:  # oneDNN's check: AVX512-BF16 or AMX
+            return bool(torch.ops.mkldnn._is_mkldnn_bf16_supported())
+        except (AttributeError, RuntimeError):
+            return False
+    return False
+
+
+def resolve_precision(lm, precision: Precision) -> Literal["model", "bfloat16"]:
+    """``auto``: bfloat16 matrix products for a float32 model where the hardware has them, else the model's own
+    dtype. Only a float32 model is ever run in bfloat16 (half precision already is; float64 is asked for)."""
+    if lm.dtype != torch.float32:
+        return "model"
+    if precision == "auto":
+        return "bfloat16" if _native_bf16(lm.device.type) else "model"
+    return precision
+
+
+def compute_context(lm, precision: Literal["model", "bfloat16"]):
+    """``bfloat16``: the model's matrix products in bfloat16 under autocast, with float32 accumulation (weights stay
+    as loaded; norms, softmax and the gradients' sums stay in float32). ``model``: nothing changes."""
+    if precision == "model":
+        return contextlib.nullcontext()
+    return torch.autocast(device_type=lm.device.type, dtype=torch.bfloat16)
 
 
 def _units(lengths: Sequence[int], n: int, budget: int) -> list[list[tuple[int, int, int]]]:
-    """Chunks of (row, first point, end point): a row's points split to fit, rows batched together."""
+    """Chunks of (row, first point, end point): a row's points split to fit, rows batched together, longest rows
+    first so that a chunk's rows have similar lengths (little padding)."""
     units: list[tuple[int, int, int]] = []
-    for i, L in enumerate(lengths):
+    for i in sorted(range(len(lengths)), key=lambda r: (-lengths[r], r)):
+        L = lengths[i]
         m = max(1, min(n, budget // max(1, L)))
         units.extend((i, a, min(n, a + m)) for a in range(0, n, m))
     out: list[list[tuple[int, int, int]]] = []
@@ -47,12 +83,14 @@ def _units(lengths: Sequence[int], n: int, budget: int) -> list[list[tuple[int, 
 
 def integrated_gradients(ctx: JobContext, rows: Sequence[Sequence[Segment]], weights: Sequence[Sequence[float]],
                          n_steps: int = 20, method: IntegrationMethod = "gausslegendre",
-                         baseline: Baseline = "zeros", stage: str = "attribution"):
+                         baseline: Baseline = "zeros", stage: str = "attribution", precision: Precision = "model"):
     """Job generator: per row, token scores [L_row] (float32, CPU; signed sum over the hidden dimension).
 
     ``weights[r][j]`` weighs the summed log-probability of segment ``j`` of row ``r`` in the objective (roots
-    are not scored; their weight is ignored)."""
+    are not scored; their weight is ignored). ``precision``: see :func:`resolve_precision`; the answers'
+    log-probabilities are taken in the model's dtype from the final hidden states either way."""
     lm = ctx.lm
+    mode = resolve_precision(lm, precision)
     emb = lm.model.get_input_embeddings()
     pad = lm.pad_id
     alphas, qw = integration_points(n_steps, method)
@@ -79,8 +117,10 @@ def integrated_gradients(ctx: JobContext, rows: Sequence[Sequence[Segment]], wei
                           dtype=acc_dtype)
         with torch.enable_grad():
             e = (base + a_t * (x - base)).requires_grad_(True)
-            hidden = packed_forward(ctx, batch, embeds=e)
-            total = (group_logprobs(lm, hidden, tgt) * gw).sum()
+            with compute_context(lm, mode):
+                hidden = packed_forward(ctx, batch, embeds=e)
+            with torch.autocast(device_type=lm.device.type, enabled=False):
+                total = (group_logprobs(lm, hidden.to(lm.dtype), tgt) * gw).sum()
             (g,) = torch.autograd.grad(total, e)
         for r, i in enumerate(owner):
             grads[i] += g[r, : lengths[i]].to(acc_dtype)
@@ -94,4 +134,30 @@ def integrated_gradients(ctx: JobContext, rows: Sequence[Sequence[Segment]], wei
         base = torch.zeros_like(x) if base_id is None else \
             emb(torch.full_like(ids, int(base_id))).detach().to(acc_dtype)
         out.append((grads[i] * (x - base)).sum(-1).to("cpu", torch.float32))
+    return out
+
+
+def cached_integrated_gradients(ctx: JobContext, rows: Sequence[Sequence[Segment]],
+                                weights: Sequence[Sequence[float]], n_steps: int = 20,
+                                method: IntegrationMethod = "gausslegendre", baseline: Baseline = "zeros",
+                                stage: str = "attribution", precision: Precision = "model", cache=None):
+    """:func:`integrated_gradients` through a score cache (:mod:`steering.tasks.attribution.cache`; default: the
+    process's): rows already attributed with the same model, objective and settings are not recomputed."""
+    from steering.tasks.attribution import cache as score_cache
+
+    store = score_cache.SCORES if cache is None else cache
+    fp = score_cache.model_fingerprint(ctx.lm)
+    settings = {"n_steps": n_steps, "method": method, "baseline": baseline,
+                "precision": resolve_precision(ctx.lm, precision), "dtype": str(ctx.lm.dtype)}
+    keys = [score_cache.row_key(fp, r, w, settings) for r, w in zip(rows, weights, strict=True)]
+    out: list[torch.Tensor | None] = [store.get(k) for k in keys]
+    todo = [i for i, s in enumerate(out) if s is None]
+    if todo:
+        fresh = yield from integrated_gradients(ctx, [rows[i] for i in todo], [weights[i] for i in todo], n_steps,
+                                                method, baseline, stage, precision)
+        for i, s in zip(todo, fresh, strict=True):
+            store.put(keys[i], s)
+            out[i] = s
+    else:
+        yield Progress(1, 1, stage)
     return out

@@ -12,7 +12,7 @@ from __future__ import annotations
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Any, Literal
+from typing import TYPE_CHECKING, Any
 
 import torch
 
@@ -22,17 +22,21 @@ from steering.engine.jobs import JobContext, Progress, scaled
 from steering.errors import InvalidRequestError
 from steering.inputs import answer_separator
 from steering.params import parse_params
-from steering.spec import Positions, ResolvedApplication, describe_positions
 from steering.tasks.builders.registry import Builder, BuilderParams, Encoded, get_builder
 from steering.tasks.builders.registry import parse_params as parse_builder_params
-from steering.tasks.scoring import score_answers
+from steering.tasks.builders.sweep import (
+    SweepConfig,
+    SweepResult,
+    check_sweep,
+    settings_count,
+    stored_setting,
+    sweep_cost,
+    sweep_work,
+)
 from steering.vectors import SteeringVector
 
 if TYPE_CHECKING:
     from steering.backends.hf.loading import LoadedModel
-
-Metric = Literal["accuracy", "margin"]
-
 
 @dataclass
 class BuildLimits:
@@ -70,93 +74,6 @@ def check_layers(num_layers: int, layers: list[int] | None, param: str = "params
         raise InvalidRequestError(f"layers {bad} do not exist; the model has layers 0..{num_layers - 1}",
                                   param=param)
     return sorted(set(layers))
-
-
-# -- sweep ---------------------------------------------------------------------------------------------------------
-@dataclass
-class SweepConfig:
-    scales: list[float] = field(default_factory=lambda: [0.25, 0.5, 1.0, 2.0])
-    layers: list[int] | None = None
-    """default: every layer of the vector"""
-    relative: bool = True
-    """scales are fractions of each layer's mean hidden-state norm (recorded at build time)"""
-    normalize: bool = True
-    positions: Positions = "all"
-    metric: Metric = "accuracy"
-
-
-@dataclass
-class SweepResult:
-    metric: Metric
-    baseline: dict[str, float]
-    table: list[dict[str, float]]
-    best: dict[str, float]
-    examples: int
-
-    def as_dict(self) -> dict:
-        return {"metric": self.metric, "examples": self.examples, "baseline": self.baseline, "best": self.best,
-                "table": self.table}
-
-
-def _summary(margins: list[float]) -> dict[str, float]:
-    n = len(margins)
-    return {"accuracy": sum(m > 0 for m in margins) / n, "margin": sum(margins) / n}
-
-
-def sweep_work(ctx: JobContext, vector: SteeringVector, data: list[Encoded], cfg: SweepConfig):
-    """Job generator: score every (layer, scale) of ``cfg`` and the unsteered model on ``data`` (binary: the
-    preferred answer's summed log-probability against the dispreferred one's). Returns a SweepResult."""
-    layers = cfg.layers if cfg.layers is not None else vector.layers
-    norms = vector.metadata.get("hidden_norms") or {}
-    configs: list[tuple[int, float, float] | None] = [None]
-    for layer in layers:
-        for s in cfg.scales:
-            absolute = s * float(norms[str(layer)]) if cfg.relative else s
-            configs.append((layer, s, absolute))
-    items: list[tuple[list[int], list[list[int]]]] = []
-    apps: list[Any] = []
-    for c in configs:
-        app = [] if c is None else ctx.steering([ResolvedApplication(
-            vector.name, {c[0]: vector.values[c[0]]}, c[2], cfg.positions, cfg.normalize)])
-        for e in data:
-            items.append((e.prompt, [e.preferred, e.dispreferred]))
-            apps.append(app)
-    scored = yield from score_answers(ctx, items, apps, stage="sweep")
-    n = len(data)
-    results = []
-    for ci in range(len(configs)):
-        margins = [s.logprobs[0] - s.logprobs[1] for s in scored[ci * n:(ci + 1) * n]]
-        results.append(_summary(margins))
-    baseline, table = results[0], []
-    for c, r in zip(configs[1:], results[1:]):
-        assert c is not None
-        table.append({"layer": c[0], "scale": c[1], "scale_abs": round(c[2], 6), **r})
-    best = max(table, key=lambda r: (r[cfg.metric], -abs(r["scale"]))) if table else {}
-    return SweepResult(cfg.metric, baseline, table, best, n)
-
-
-def check_sweep(num_layers: int, vector: SteeringVector, cfg: SweepConfig, n_examples: int,
-                limits: BuildLimits | None = None) -> None:
-    limits = limits or BuildLimits()
-    if not cfg.scales or any(not isinstance(s, (int, float)) or s != s or abs(s) == float("inf")
-                             for s in cfg.scales):
-        raise InvalidRequestError("sweep scales must be a non-empty list of finite numbers", param="sweep.scales")
-    if cfg.metric not in ("accuracy", "margin"):
-        raise InvalidRequestError(f"unknown metric {cfg.metric!r}; valid: accuracy, margin", param="sweep.metric")
-    layers = cfg.layers if cfg.layers is not None else vector.layers
-    check_layers(num_layers, layers, "sweep.layers")
-    missing = [x for x in layers if x not in vector.values]
-    if missing:
-        raise InvalidRequestError(f"the vector has no values for layers {missing}", param="sweep.layers")
-    if cfg.relative:
-        norms = vector.metadata.get("hidden_norms") or {}
-        if any(str(x) not in norms for x in layers):
-            raise InvalidRequestError("relative scales need the hidden-state norms recorded when the vector was "
-                                         "built; this vector has none, use absolute scales", param="sweep.relative")
-    rows = (len(layers) * len(cfg.scales) + 1) * n_examples
-    if rows > limits.max_sweep_rows:
-        raise InvalidRequestError(f"the sweep needs {rows} scored rows; this server allows "
-                                     f"{limits.max_sweep_rows}", param="sweep")
 
 
 # -- build ---------------------------------------------------------------------------------------------------------
@@ -210,20 +127,19 @@ def prepare_build(model: ModelFront, request: BuildRequest, limits: BuildLimits 
         cfg = request.sweep or SweepConfig()
         probe = SteeringVector({x: torch.zeros(info.hidden_size) for x in layers},
                                metadata={"hidden_norms": {str(x): 1.0 for x in layers}})
-        check_sweep(info.num_layers, probe, cfg, len(validation), limits)
+        check_sweep(info.num_layers, probe, cfg, len(validation), limits.max_sweep_rows)
     return PreparedBuild(request, builder, params, layers, data, validation, info.identity().as_dict())
 
 
 def _build(prep: PreparedBuild, ctx: JobContext):
     t0 = time.monotonic()
     build_cost = prep.builder.cost(prep.data, prep.params)
-    sweep_cost = 0.0
+    sweep_tokens = 0.0
     if prep.validation:
         cfg = prep.request.sweep or SweepConfig()
-        layers = cfg.layers if cfg.layers is not None else prep.layers
-        sweep_cost = (len(layers) * len(cfg.scales) + 1) * sum(
-            len(e.prompt) + len(e.preferred) + len(e.dispreferred) for e in prep.validation)
-    split = build_cost / (build_cost + sweep_cost)
+        probe = SteeringVector({x: torch.zeros(1) for x in prep.layers})
+        sweep_tokens = sum(sweep_cost(prep.validation, cfg, settings_count(probe, cfg)))
+    split = build_cost / (build_cost + sweep_tokens)
     yield Progress(0, None, "start", 0.0)
     out = yield from scaled(prep.builder().run(ctx, prep.data, prep.layers, prep.params), 0.0, split)
     values, raw = {}, {}
@@ -251,10 +167,13 @@ def _build(prep: PreparedBuild, ctx: JobContext):
     if prep.validation:
         cfg = req.sweep or SweepConfig()
         result = yield from scaled(sweep_work(ctx, vector, prep.validation, cfg), split, 1.0)
-        metadata["sweep"] = {"metric": result.metric, "examples": result.examples,
-                             "dataset_hash": dataset_hash(req.validation or []), "baseline": result.baseline,
-                             "best": result.best, "relative": cfg.relative, "normalize": cfg.normalize,
-                             "positions": describe_positions(cfg.positions)}
+        vhash = dataset_hash(req.validation or [])
+        metadata["sweep"] = {"metric": result.metric, "examples": result.examples, "dataset_hash": vhash,
+                             "baseline": result.baseline, "best": result.best, "fluency": result.fluency,
+                             "relative": cfg.relative}
+        setting = stored_setting(result, cfg, vhash)
+        if setting is not None:
+            metadata["setting"] = setting
     return BuildResult(vector, result, time.monotonic() - t0)
 
 
@@ -273,7 +192,7 @@ def prepare_sweep(model: ModelFront, vector: SteeringVector, examples: list[Pref
     """Check a sweep of ``vector`` before any model work; return its job. ``params``: how to encode the
     examples (default: as the vector was built)."""
     data = encode(model, examples, encoding(vector, params))
-    check_sweep(model.info.num_layers, vector, cfg, len(data), limits)
+    check_sweep(model.info.num_layers, vector, cfg, len(data), (limits or BuildLimits()).max_sweep_rows)
     return lambda ctx: sweep_work(ctx, vector, data, cfg)
 
 

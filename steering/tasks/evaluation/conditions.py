@@ -14,7 +14,14 @@ from typing import Any
 
 from steering.engine.base import ModelFront, resolve_for
 from steering.errors import InvalidRequestError, SteeringError, SteeringValidationError
-from steering.spec import Positions, ResolvedSteering, SteeringApplication, SteeringSpec, VectorLookup
+from steering.spec import (
+    Positions,
+    ResolvedSteering,
+    SteeringApplication,
+    SteeringSpec,
+    VectorLookup,
+    stored_setting,
+)
 from steering.vectors import SteeringVector
 
 UNSTEERED = "unsteered"
@@ -48,7 +55,10 @@ def relative_applications(vector: SteeringVector, scale: float, layers: Sequence
 
 
 def sweep_choice(vector: SteeringVector, param: str = "steering") -> SteeringApplication:
-    """The best (layer, scale) recorded by the sweep of a build with validation examples."""
+    """The setting a sweep chose: the vector's stored setting (applied by name without a scale), or for vectors
+    built before settings were stored, the best (layer, scale) its build's sweep recorded."""
+    if stored_setting(vector) is not None:
+        return SteeringApplication(vector)
     sw = vector.metadata.get("sweep") or {}
     best = sw.get("best") or {}
     if "layer" not in best or "scale_abs" not in best:
@@ -82,8 +92,11 @@ def condition(spec: SteeringSpec, *, label: str | None = None, relative: bool = 
 
     vectors = [vector_of(j, a) for j, a in enumerate(spec.applications)]
     if label is None:
-        label = " + ".join(label_for(a.name, a.layers if a.layers is not None else v.layers, a.scale, relative)
-                           for a, v in zip(spec.applications, vectors, strict=True))
+        label = " + ".join(
+            f"{a.name or 'inline'} (stored setting)" if a.scale is None and stored_setting(v) is not None else
+            label_for(a.name, a.layers if a.layers is not None else v.layers, 1.0 if a.scale is None else a.scale,
+                      relative)
+            for a, v in zip(spec.applications, vectors, strict=True))
     if not relative:
         return Condition(label, spec)
     apps: list[SteeringApplication] = []
@@ -92,9 +105,12 @@ def condition(spec: SteeringSpec, *, label: str | None = None, relative: bool = 
         if vec.name is None and not vec.metadata.get("hidden_norms"):
             raise InvalidRequestError(f"{where}: relative scales need a registered vector (its recorded "
                                       "hidden-state norms)", param=f"{param}.relative")
+        if app.scale is None and stored_setting(vec) is not None:
+            apps.append(app)  # the stored setting's scales are absolute already
+            continue
         try:
-            apps += relative_applications(vec, app.scale, app.layers, app.positions, app.normalize,
-                                          param=f"{param}.relative")
+            apps += relative_applications(vec, 1.0 if app.scale is None else app.scale, app.layers,
+                                          app.positions or "all", bool(app.normalize), param=f"{param}.relative")
         except SteeringError as exc:
             raise InvalidRequestError(f"{where}: {exc.message}", param=exc.param) from None
     return Condition(label, SteeringSpec(apps))

@@ -57,3 +57,34 @@ def test_missing_model_and_bad_settings():
     if not torch.cuda.is_available():
         with pytest.raises(ModelLoadError, match="CUDA is not available"):
             resolve_device("cuda")
+
+
+def test_gguf_tokenizer_flags_are_honoured(tmp_path, tiny_tokenizer):
+    """transformers' GGUF conversion drops ``tokenizer.ggml.add_bos_token`` (Gemma's GGUFs set it: without BOS the
+    model reads garbage); the conversion reads it back and applies it to the tokenizer it saves."""
+    import gguf
+
+    from steering.backends.hf.loading import apply_tokenizer_flags, gguf_tokenizer_flags
+
+    path = tmp_path / "flags.gguf"
+    w = gguf.GGUFWriter(str(path), "llama")
+    w.add_bool("tokenizer.ggml.add_bos_token", True)
+    w.add_bool("tokenizer.ggml.add_eos_token", False)
+    w.write_header_to_file()
+    w.write_kv_data_to_file()
+    w.write_tensors_to_file()
+    w.close()
+    flags = gguf_tokenizer_flags(path)
+    assert flags == {"add_bos_token": True, "add_eos_token": False}
+    tok = tiny_tokenizer
+    before = tok("a b")["input_ids"]
+    saved = (getattr(tok, "add_bos_token", None), getattr(tok, "add_eos_token", None))
+    try:
+        apply_tokenizer_flags(tok, flags)
+        ids = tok("a b")["input_ids"]
+        assert ids[0] == tok.bos_token_id and ids[1:] == [t for t in before if t != tok.bos_token_id]
+        assert tok("a b", add_special_tokens=False)["input_ids"][0] != tok.bos_token_id
+    finally:
+        for attr, value in zip(("add_bos_token", "add_eos_token"), saved):
+            if value is not None:
+                setattr(tok, attr, value)

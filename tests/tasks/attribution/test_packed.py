@@ -55,3 +55,20 @@ def test_packed_ig_equals_plain_reference_and_is_complete(lm64):
     gap = f(False) - f(True)
     assert abs(gap) > 0.1
     assert float(scores[0].sum()) == pytest.approx(gap, rel=1e-3, abs=1e-3)
+
+
+def test_bfloat16_attribution_agrees_with_float32_and_auto_picks_the_hardware(tiny_lm, lm64):
+    from steering.tasks.attribution.packed import _native_bf16, resolve_precision
+
+    data = encode(tiny_lm, EXAMPLES, BuilderParams())
+    rows = [answer_rows(e.prompt, [e.preferred, e.dispreferred]) for e in data]
+    w = [[0, 1, -1]] * len(rows)
+    ref = run_job(lambda ctx: integrated_gradients(ctx, rows, w, 8), tiny_lm)
+    bf = run_job(lambda ctx: integrated_gradients(ctx, rows, w, 8, precision="bfloat16"), tiny_lm)
+    for a, b in zip(ref, bf, strict=True):
+        assert b.dtype == torch.float32 and b.shape == a.shape and not torch.equal(a, b)
+        assert float(torch.corrcoef(torch.stack([a, b]))[0, 1]) > 0.98
+        assert abs(float(b.sum() - a.sum())) < 0.1 * float(a.abs().sum())  # completeness holds about as well
+    assert resolve_precision(tiny_lm, "auto") == ("bfloat16" if _native_bf16("cpu") else "model")
+    assert resolve_precision(tiny_lm, "model") == "model"
+    assert resolve_precision(lm64, "bfloat16") == resolve_precision(lm64, "auto") == "model"  # float64 is asked for

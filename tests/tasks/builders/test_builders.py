@@ -148,7 +148,7 @@ def test_grains_recovers_the_contrast_when_answers_differ_in_the_behaviour_token
         yield from ()
         return _planted_scores(data, template)
 
-    monkeypatch.setattr(grains, "integrated_gradients", planted)
+    monkeypatch.setattr(grains, "cached_integrated_gradients", planted)
     layers = list(range(tiny_lm.num_layers))
 
     def directions(builder, **params):
@@ -271,7 +271,7 @@ def test_bad_build_requests_fail_before_model_work(tiny_lm):
 def test_sweep_scores_each_layer_and_scale_like_a_hooked_forward(tiny_lm):
     vec = build(tiny_lm, BuildRequest(EXAMPLES, "caa")).vector
     res = sweep(tiny_lm, vec, EXAMPLES[:3], SweepConfig(scales=[0.5, 2.0], layers=[1, 2]))
-    assert [(r["layer"], r["scale"]) for r in res.table] == [(1, 0.5), (1, 2.0), (2, 0.5), (2, 2.0)]
+    assert [(r["layers"], r["scale"]) for r in res.table] == [([1], 0.5), ([1], 2.0), ([2], 0.5), ([2], 2.0)]
     assert res.best in res.table and res.examples == 3
     data = encode(tiny_lm, EXAMPLES[:3], BuilderParams())
 
@@ -297,7 +297,7 @@ def test_sweep_scores_each_layer_and_scale_like_a_hooked_forward(tiny_lm):
     assert res.baseline["accuracy"] == pytest.approx(sum(m > 0 for m in base) / 3)
     row = res.table[3]
     absolute = 2.0 * vec.metadata["hidden_norms"]["2"]
-    assert row["scale_abs"] == pytest.approx(absolute, rel=1e-5)
+    assert row["scale_abs"] == [pytest.approx(absolute, rel=1e-5)]
     ref = margins(2, absolute)
     assert row["margin"] == pytest.approx(sum(ref) / 3, abs=1e-3)
     assert row["margin"] != pytest.approx(res.baseline["margin"], abs=1e-3)
