@@ -39,7 +39,7 @@ LAYERS = [2, 4, 6]
 RANGES = [[2, 3, 4, 5]]
 SCALES = [0.25, 0.5]
 """The grid measured in docs/experiments.md §5 (a sweep setting costs a scoring pass over the validation rows and
-cache-less greedy continuations: about 15 s each on the 2-core CPU)."""
+cache-less greedy continuations: about 17 s each on the 2-core CPU when nothing else runs)."""
 
 
 def parse_variant(text: str) -> dict:
