@@ -6,9 +6,21 @@ from pathlib import Path
 from typing import Annotated
 
 import typer
-from rich.console import Console
 
-from cli.common import DeviceOpt, DtypeOpt, ModelOpt, console, load, parse_params, run_with_bar
+from cli.common import (
+    DeviceOpt,
+    DtypeOpt,
+    JsonOpt,
+    ModelOpt,
+    ThreadsOpt,
+    console,
+    fail,
+    load,
+    out_console,
+    parse_params,
+    print_json,
+    run_with_progress,
+)
 
 
 def attribute(
@@ -29,8 +41,10 @@ def attribute(
     model: ModelOpt = None,
     device: DeviceOpt = "auto",
     dtype: DtypeOpt = "auto",
+    threads: ThreadsOpt = None,
+    as_json: JsonOpt = False,
 ) -> None:
-    """Which prompt tokens drove a continuation (or a contrast between two), with a progress bar."""
+    """Which prompt tokens drove a continuation (or a contrast between two), with progress."""
     import json
 
     from rich.table import Table
@@ -45,12 +59,12 @@ def attribute(
         raise typer.BadParameter("give both --preferred and --dispreferred", param_hint="--preferred")
     if target is not None and preferred is not None:
         raise typer.BadParameter("give --target or --preferred/--dispreferred, not both", param_hint="--target")
-    lm = load(model, device, dtype)
+    lm = load(model, device, dtype, threads)
     tok = lm.tokenizer
-    ids = lm.inputs.encode_prompt(prompt, "chat" if chat else "raw")
     enc = lm.inputs.encode_continuation
 
     try:
+        ids = lm.inputs.encode_prompt(prompt, "chat" if chat else "raw")
         if preferred is not None:
             tgt = AttributionTarget.contrastive(enc(preferred), enc(dispreferred))
         else:
@@ -62,14 +76,26 @@ def attribute(
                 cont = enc(target)
             tgt = (AttributionTarget.per_token if per_token else AttributionTarget.continuation)(cont)
         req = AttributionRequest(ids, tgt, method, parse_params(param), reduction)  # type: ignore[arg-type]
-        res = run_with_bar(method, lambda cb: run_attribution(lm, req, on_progress=cb))
+        res = run_with_progress(method, lambda cb: run_attribution(lm, req, on_progress=cb))
     except SteeringError as exc:
-        console.print(f"[red]error:[/red] {exc.message}")
-        raise typer.Exit(2) from exc
+        fail(exc)
+    data = {
+        "method": res.method, "params": res.params, "target_type": res.target.kind, "prompt_ids": ids,
+        "tokens": [tok.decode([t]) for t in ids], "special": res.special, "scores": res.scores.tolist(),
+        "objective": res.objective, "info": res.info, "cost": res.cost.as_dict(),
+    }
+    if output is not None:
+        from steering.files import atomic_write_text
+
+        atomic_write_text(output, json.dumps(data, indent=2))
+    if as_json:
+        print_json({**data, "top_positive": res.top(top_k), "top_negative": res.top(top_k, negative=True),
+                    "seconds": res.seconds})
+        return
     totals = res.totals.tolist()
     table = Table(title=f"{method} ({res.target.kind}); objective {res.objective[0]:.4f}")
     table.add_column("pos", justify="right")
-    table.add_column("token")
+    table.add_column("token", overflow="fold")
     table.add_column("score", justify="right")
     peak = max((abs(v) for v in totals), default=1.0) or 1.0
     for i, (t, v) in enumerate(zip(ids, totals)):
@@ -77,16 +103,8 @@ def attribute(
         mark = " [dim](special)[/dim]" if res.special[i] else ""
         table.add_row(str(i), repr(tok.decode([t])) + mark, f"[{color}]{v:+.4f}[/{color}]" + " " +
                       "#" * round(10 * abs(v) / peak))
-    Console().print(table)
+    out_console().print(table)
     for label, picks in (("top positive", res.top(top_k)), ("top negative", res.top(top_k, negative=True))):
         console.print(f"{label}: " + ", ".join(f"{tok.decode([ids[i]])!r} {s:+.3f}" for i, s in picks))
     console.print(f"[dim]{res.cost.forward_passes} forwards, {res.cost.backward_passes} backwards, "
                   f"{res.seconds:.2f} s[/dim]")
-    if output is not None:
-        from steering.files import atomic_write_text
-
-        atomic_write_text(output, json.dumps({
-            "method": res.method, "params": res.params, "target_type": res.target.kind, "prompt_ids": ids,
-            "tokens": [tok.decode([t]) for t in ids], "special": res.special, "scores": res.scores.tolist(),
-            "objective": res.objective, "info": res.info, "cost": res.cost.as_dict(),
-        }, indent=2))

@@ -5,6 +5,9 @@ Conditions: each ``--vector`` (repeatable) with its ``--layers`` and ``--scale``
 vector or once per vector. ``--scale`` may be a comma list (one condition per scale). Scales are fractions of each
 layer's mean hidden-state norm (as in sweeps) unless ``--absolute``. Without ``--scale``, a vector built with a
 validation sweep uses the best (layer, scale) that sweep recorded.
+
+Both commands put prompts in the same format by default (:data:`CHAT`: raw text; ``--chat`` for the chat
+template), so a TruthfulQA score and a steering-effect measurement on the same prompts see the same tokens.
 """
 
 from __future__ import annotations
@@ -17,11 +20,14 @@ from typing import Annotated
 import typer
 
 from cli.common import (
+    DEFAULT_VECTOR_DIR,
     DeviceOpt,
     DirOpt,
     DtypeOpt,
+    JsonOpt,
     ModelOpt,
     RowsOpt,
+    ThreadsOpt,
     console,
     fail,
     load,
@@ -29,9 +35,10 @@ from cli.common import (
     parse_layers,
     parse_params,
     parse_positions,
-    run_with_bar,
+    print_json,
+    run_with_progress,
 )
-from steering.store import DEFAULT_VECTOR_DIR
+from steering.datasets import DEFAULT_QA_TEMPLATE
 
 app = typer.Typer(add_completion=False, no_args_is_help=True,
                   help="Evaluate steering: TruthfulQA, and the effect on generation (behaviour, fluency).")
@@ -46,6 +53,15 @@ AbsoluteOpt = Annotated[bool, typer.Option(help="Scales are absolute (default: f
                                                 "hidden-state norm, as in sweeps).")]
 OutputOpt = Annotated[Path | None, typer.Option(help="Write the JSON report here.")]
 MarkdownOpt = Annotated[Path | None, typer.Option(help="Write the Markdown table here.")]
+NormalizeOpt = Annotated[bool, typer.Option(help="Keep each steered token's norm (with --scale; as in sweeps).")]
+
+CHAT = False
+"""The prompt format of both eval commands unless --chat/--no-chat says: raw text (the filled template, or the
+prompt as written)."""
+ChatOpt = Annotated[bool, typer.Option(
+    "--chat/--no-chat",
+    help="Put each prompt in the model's chat template as a user message (TruthfulQA: the filled template; answers "
+         "then follow the generation prompt directly). Both eval commands default to raw text.")]
 
 
 def _per_vector(values: list[str], n: int, option: str) -> list[str | None]:
@@ -91,11 +107,14 @@ def conditions_from_options(store, vectors: list[str], scales: list[str], layers
     return out
 
 
-def _emit(report, output: Path | None, markdown: Path | None) -> None:
+def _emit(report, output: Path | None, markdown: Path | None, as_json: bool = False) -> None:
     from steering.files import atomic_write_text
 
     md = report.markdown()
-    sys.stdout.write(md)
+    if as_json:
+        print_json(report.as_dict())
+    else:
+        sys.stdout.write(md)
     if output is not None:
         atomic_write_text(output, json.dumps(report.as_dict(), indent=2))
         console.print(f"wrote {output}")
@@ -113,10 +132,10 @@ def truthfulqa(
     scale: ScaleOpt = [],  # noqa: B006
     layers: LayersOpt = [],  # noqa: B006
     positions: PositionsOpt = "all",
-    normalize: Annotated[bool, typer.Option(help="Keep each steered token's norm.")] = True,
+    normalize: NormalizeOpt = True,
     absolute: AbsoluteOpt = False,
-    template: Annotated[str, typer.Option(help="Prompt template with {question}.")] = "Q: {question}\nA:",
-    chat: Annotated[bool, typer.Option(help="Put the filled template in the model's chat template.")] = False,
+    template: Annotated[str, typer.Option(help="Prompt template with {question}.")] = DEFAULT_QA_TEMPLATE,
+    chat: ChatOpt = CHAT,
     system_prompt: Annotated[str | None, typer.Option(help="Chat only: a system message.")] = None,
     per_question: Annotated[bool, typer.Option(help="Keep every question's scores in the JSON report.")] = False,
     output: OutputOpt = None,
@@ -126,6 +145,8 @@ def truthfulqa(
     model: ModelOpt = None,
     device: DeviceOpt = "auto",
     dtype: DtypeOpt = "auto",
+    threads: ThreadsOpt = None,
+    as_json: JsonOpt = False,
 ) -> None:
     """TruthfulQA binary, MC1 and MC2 (summed answer log-probabilities), unsteered and with each vector."""
     from steering.datasets import parse_rows, read_truthfulqa
@@ -137,16 +158,16 @@ def truthfulqa(
             raise typer.BadParameter(f"no such file: {data}", param_hint="--data")
         items = read_truthfulqa(data)
         items = [items[i] for i in parse_rows(rows, len(items))]
-        lm = load(model, device, dtype)
+        lm = load(model, device, dtype, threads)
         conditions = conditions_from_options(open_store(vector_dir, lm), vector, scale, layers, positions, normalize,
                                              absolute)
         fmt = QAFormat(template, "chat" if chat else "raw", system_prompt)
         req = TruthfulQARequest(items, conditions, fmt, {"path": str(data), "rows": rows}, per_question)
-        report = run_with_bar(f"truthfulqa ({len(items)} questions x {len(conditions) + 1} conditions)",
-                               lambda cb: evaluate_truthfulqa(lm, req, chunk_tokens=batch_tokens, on_progress=cb))
+        report = run_with_progress(f"truthfulqa ({len(items)} questions x {len(conditions) + 1} conditions)",
+                                    lambda cb: evaluate_truthfulqa(lm, req, chunk_tokens=batch_tokens, on_progress=cb))
     except SteeringError as exc:
         fail(exc)
-    _emit(report, output, markdown)
+    _emit(report, output, markdown, as_json)
 
 
 def read_prompts(path: Path) -> list[str]:
@@ -181,17 +202,17 @@ def steer(
     questions: Annotated[Path | None, typer.Option(help="Use TruthfulQA questions (a CSV) as prompts, filled "
                                                            "into --template.")] = None,
     rows: RowsOpt = None,
-    template: Annotated[str, typer.Option(help="With --questions: the prompt template.")] = "Q: {question}\nA:",
+    template: Annotated[str, typer.Option(help="With --questions: the prompt template.")] = DEFAULT_QA_TEMPLATE,
     vector: VectorOpt = [],  # noqa: B006
     scale: ScaleOpt = [],  # noqa: B006
     layers: LayersOpt = [],  # noqa: B006
     positions: PositionsOpt = "all",
-    normalize: Annotated[bool, typer.Option(help="Keep each steered token's norm.")] = True,
+    normalize: NormalizeOpt = True,
     absolute: AbsoluteOpt = False,
     scorer: Annotated[str, typer.Option(help="Behaviour scorer: sentiment, keywords, or none.")] = "sentiment",
     scorer_param: Annotated[list[str], typer.Option("--scorer-param", help="Scorer parameter key=value "
                                                                            "(repeatable), e.g. words=[\"cat\"].")] = [],  # noqa: B006
-    chat: Annotated[bool, typer.Option(help="Prompts as user messages in the chat template.")] = True,
+    chat: ChatOpt = CHAT,
     system_prompt: Annotated[str | None, typer.Option(help="Chat only: a system message.")] = None,
     max_tokens: Annotated[int, typer.Option(help="Tokens generated per prompt.")] = 48,
     temperature: Annotated[float, typer.Option(help="0 for greedy.")] = 0.0,
@@ -205,6 +226,8 @@ def steer(
     model: ModelOpt = None,
     device: DeviceOpt = "auto",
     dtype: DtypeOpt = "auto",
+    threads: ThreadsOpt = None,
+    as_json: JsonOpt = False,
 ) -> None:
     """Generate steered and unsteered; report the behaviour score and its shift, perplexity of the text under the
     unsteered model (and its ratio to the unsteered text's), and distinct-1/2/3."""
@@ -221,7 +244,7 @@ def steer(
             texts += [template.format(question=items[i].question) for i in parse_rows(rows, len(items))]
         elif rows is not None:
             raise typer.BadParameter("--rows selects rows of --questions", param_hint="--rows")
-        lm = load(model, device, dtype)
+        lm = load(model, device, dtype, threads)
         conditions = conditions_from_options(open_store(vector_dir, lm), vector, scale, layers, positions, normalize,
                                              absolute)
         req = SteerEvalRequest(texts, conditions, None if scorer == "none" else scorer, parse_params(scorer_param),
@@ -239,7 +262,7 @@ def steer(
                         handle.cancel()
                         raise
 
-            report = run_with_bar(f"steer ({len(texts)} prompts x {len(conditions) + 1} conditions)", run)
+            report = run_with_progress(f"steer ({len(texts)} prompts x {len(conditions) + 1} conditions)", run)
     except SteeringError as exc:
         fail(exc)
-    _emit(report, output, markdown)
+    _emit(report, output, markdown, as_json)

@@ -1,5 +1,6 @@
 """``steerserve vectors ...``: build, sweep and manage steering vectors in a local registry directory (the one
-the server reads, ``$STEERSERVE_VECTOR_DIR``), with progress bars for the long jobs."""
+the server reads, ``$STEERSERVE_VECTOR_DIR``), with progress for the long jobs (bars on a terminal, plain lines
+otherwise)."""
 
 from __future__ import annotations
 
@@ -9,28 +10,31 @@ from pathlib import Path
 from typing import Annotated
 
 import typer
-from rich.console import Console
 from rich.table import Table
 
 from cli.common import (
+    DEFAULT_VECTOR_DIR,
     DeviceOpt,
     DirOpt,
     DtypeOpt,
+    JsonOpt,
     ModelOpt,
     RowsOpt,
+    ThreadsOpt,
     console,
     fail,
     load,
     open_store,
+    out_console,
     parse_layers,
     parse_params,
-    run_with_bar,
+    print_json,
+    run_with_progress,
 )
-from steering.store import DEFAULT_VECTOR_DIR
+from steering.datasets import DEFAULT_QA_TEMPLATE
 
 app = typer.Typer(add_completion=False, no_args_is_help=True,
                   help="Build, sweep and manage steering vectors (local registry).")
-
 
 
 def _sweep_table(res) -> Table:
@@ -44,7 +48,7 @@ def _sweep_table(res) -> Table:
     if fl:
         cols.append("ppl ratio")
     for col in cols:
-        table.add_column(col, justify="right")
+        table.add_column(col, justify="right", overflow="fold")
     for r in res.table:
         mark = " *" if r is res.best else ""
         cells = [_span(r["layers"]), f"{r['scale']:g}{mark}", ",".join(f"{x:.3g}" for x in r["scale_abs"]),
@@ -116,14 +120,16 @@ def build(
     fluency_budget: BudgetOpt = None,
     fluency_prompts: FluencyPromptsOpt = 8,
     fluency_tokens: FluencyTokensOpt = 24,
-    template: Annotated[str, typer.Option(help="TruthfulQA CSV prompt template.")] = "Q: {question}\nA:",
+    template: Annotated[str, typer.Option(help="TruthfulQA CSV prompt template.")] = DEFAULT_QA_TEMPLATE,
     overwrite: Annotated[bool, typer.Option(help="Replace an existing vector of that name.")] = False,
     vector_dir: DirOpt = DEFAULT_VECTOR_DIR,
     model: ModelOpt = None,
     device: DeviceOpt = "auto",
     dtype: DtypeOpt = "auto",
+    threads: ThreadsOpt = None,
+    as_json: JsonOpt = False,
 ) -> None:
-    """Build a steering vector from preference examples (one pass builds every layer), with a progress bar."""
+    """Build a steering vector from preference examples (one pass builds every layer), with progress."""
     from steering.datasets import load_examples
     from steering.errors import SteeringError
     from steering.store import check_name
@@ -137,22 +143,25 @@ def build(
         params = parse_params(param)
         if layers:
             params["layers"] = parse_layers(layers)
-        lm = load(model, device, dtype)
+        lm = load(model, device, dtype, threads)
         reg = open_store(vector_dir, lm)
         if name in reg and not overwrite:
             raise typer.BadParameter(f"vector {name!r} exists in {vector_dir}; pass --overwrite", param_hint="--name")
         req = BuildRequest(examples, method, params, validation=val,
                            sweep=_sweep_config(scales, layers, layer_ranges, absolute, metric, positions, normalize,
                                                fluency_budget, fluency_prompts, fluency_tokens) if val else None)
-        res = run_with_bar(f"{method} ({len(examples)} examples)",
-                            lambda cb: run_build(lm, req, on_progress=cb))
+        res = run_with_progress(f"{method} ({len(examples)} examples)",
+                                lambda cb: run_build(lm, req, on_progress=cb))
         res.vector.metadata["source"] = "build"
         res.vector.metadata["data_file"] = str(data)
         reg.put(name, res.vector, overwrite=overwrite)
     except SteeringError as exc:
         fail(exc)
-    if res.sweep is not None:
-        Console().print(_sweep_table(res.sweep))
+    if as_json:
+        print_json({"name": name, "layers": res.vector.layers, "vector_dir": str(vector_dir),
+                    "seconds": res.seconds, "sweep": None if res.sweep is None else res.sweep.as_dict()})
+    elif res.sweep is not None:
+        out_console().print(_sweep_table(res.sweep))
     console.print(f"saved [bold]{name}[/bold] ({len(res.vector.layers)} layers) to {vector_dir} in "
                   f"{res.seconds:.1f} s")
 
@@ -175,12 +184,14 @@ def sweep(
     fluency_tokens: FluencyTokensOpt = 24,
     save: Annotated[bool, typer.Option(help="Store the chosen setting with the vector (used when a request names "
                                             "it without a scale).")] = False,
-    template: Annotated[str, typer.Option(help="TruthfulQA CSV prompt template.")] = "Q: {question}\nA:",
+    template: Annotated[str, typer.Option(help="TruthfulQA CSV prompt template.")] = DEFAULT_QA_TEMPLATE,
     output: Annotated[Path | None, typer.Option(help="Write the table as JSON here.")] = None,
     vector_dir: DirOpt = DEFAULT_VECTOR_DIR,
     model: ModelOpt = None,
     device: DeviceOpt = "auto",
     dtype: DtypeOpt = "auto",
+    threads: ThreadsOpt = None,
+    as_json: JsonOpt = False,
 ) -> None:
     """Score a vector's settings (layers and layer ranges x scales x positions x normalize) on validation examples
     (binary preferred vs dispreferred), optionally under a fluency budget, and optionally store the choice."""
@@ -192,18 +203,21 @@ def sweep(
 
     try:
         examples = load_examples(data, rows, template)
-        lm = load(model, device, dtype)
+        lm = load(model, device, dtype, threads)
         reg = open_store(vector_dir, lm)
         vec = reg.get(name)
         cfg = _sweep_config(scales, layers, layer_ranges, absolute, metric, positions, normalize, fluency_budget,
                             fluency_prompts, fluency_tokens)
-        res = run_with_bar(f"sweep {name}", lambda cb: run_sweep(lm, vec, examples, cfg, on_progress=cb))
+        res = run_with_progress(f"sweep {name}", lambda cb: run_sweep(lm, vec, examples, cfg, on_progress=cb))
         setting = stored_setting(res, cfg, dataset_hash(examples)) if save else None
         if setting is not None:
             reg.put(name, replace(vec, metadata={**vec.metadata, "setting": setting}), overwrite=True)
     except SteeringError as exc:
         fail(exc)
-    Console().print(_sweep_table(res))
+    if as_json:
+        print_json({**res.as_dict(), "stored": setting is not None})
+    else:
+        out_console().print(_sweep_table(res))
     if save:
         console.print(f"stored the chosen setting with [bold]{name}[/bold]" if setting is not None else
                       "[yellow]no setting was within the fluency budget; nothing stored[/yellow]")
@@ -212,21 +226,29 @@ def sweep(
 
 
 @app.command("list")
-def list_(vector_dir: DirOpt = DEFAULT_VECTOR_DIR) -> None:
+def list_(vector_dir: DirOpt = DEFAULT_VECTOR_DIR, as_json: JsonOpt = False) -> None:
     """List the vectors in the registry directory."""
     reg = open_store(vector_dir)
-    table = Table(title=str(vector_dir))
-    for col in ("name", "method", "layers", "model", "examples", "created_at"):
-        table.add_column(col)
+    rows = []
     for n in reg.names():
         v = reg.get(n)
         md = v.metadata
-        table.add_row(n, str(md.get("method", md.get("source", ""))), _span(v.layers),
-                      str((md.get("model") or {}).get("name", "")), str((md.get("dataset") or {}).get("examples", "")),
-                      str(md.get("created_at", "")))
-    Console().print(table)
+        rows.append({"name": n, "method": md.get("method", md.get("source")), "layers": v.layers,
+                     "hidden_size": v.hidden_size, "model": (md.get("model") or {}).get("name"),
+                     "examples": (md.get("dataset") or {}).get("examples"), "created_at": md.get("created_at"),
+                     "setting": "setting" in md})
+    if as_json:
+        print_json({"vector_dir": str(vector_dir), "vectors": rows, "skipped": reg.skipped})
+        return
+    table = Table(title=str(vector_dir))
+    for col in ("name", "method", "layers", "model", "examples", "created_at"):
+        table.add_column(col, overflow="fold")
+    for r in rows:
+        table.add_row(r["name"], str(r["method"] or ""), _span(r["layers"]), str(r["model"] or ""),
+                      "" if r["examples"] is None else str(r["examples"]), str(r["created_at"] or ""))
+    out_console().print(table)
     for f, why in reg.skipped.items():
-        console.print(f"[yellow]skipped {f}:[/yellow] {why}")
+        console.print(f"[yellow]skipped {f}:[/yellow] {why}", soft_wrap=True)
 
 
 def _span(layers: list[int]) -> str:
@@ -235,14 +257,17 @@ def _span(layers: list[int]) -> str:
 
 
 @app.command()
-def show(name: str, vector_dir: DirOpt = DEFAULT_VECTOR_DIR) -> None:
-    """Print a vector's metadata as JSON."""
+def show(name: str, vector_dir: DirOpt = DEFAULT_VECTOR_DIR, as_json: JsonOpt = False) -> None:
+    """Print a vector's metadata as JSON (highlighted on a terminal; plain with --json)."""
     try:
         v = open_store(vector_dir).get(name)
     except Exception as exc:  # noqa: BLE001
         fail(exc)
-    Console().print_json(json.dumps({"name": name, "layers": v.layers, "hidden_size": v.hidden_size,
-                                     "metadata": v.metadata}))
+    data = {"name": name, "layers": v.layers, "hidden_size": v.hidden_size, "metadata": v.metadata}
+    if as_json:
+        print_json(data)
+    else:
+        out_console().print_json(json.dumps(data, default=str))
 
 
 @app.command()
@@ -290,13 +315,13 @@ def export_gguf(
 @app.command("import-gguf")
 def import_gguf(
     path: Path, name: str, overwrite: bool = False, vector_dir: DirOpt = DEFAULT_VECTOR_DIR,
-    model: ModelOpt = None, device: DeviceOpt = "auto", dtype: DtypeOpt = "auto",
+    model: ModelOpt = None, device: DeviceOpt = "auto", dtype: DtypeOpt = "auto", threads: ThreadsOpt = None,
 ) -> None:
     """Import a llama.cpp / repeng control vector GGUF into the registry (checked against the model)."""
     from steering.gguf_vectors import import_controlvector
 
     try:
-        lm = load(model, device, dtype)
+        lm = load(model, device, dtype, threads)
         vec = import_controlvector(path, num_layers=lm.num_layers, hidden_size=lm.hidden_size)
         open_store(vector_dir, lm).put(name, vec, overwrite=overwrite)
     except Exception as exc:  # noqa: BLE001

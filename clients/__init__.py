@@ -1,5 +1,9 @@
-"""Clients for steerserve. Depends on neither ``steering`` nor ``server``: only ``httpx``."""
+"""Clients for steerserve. Depend on neither ``steering`` nor ``server``: only ``httpx`` and the standard library.
 
-from clients.steerserve_client import SteerClient, SteerServeError, steering
+:class:`SteerClient` (sync) and :class:`AsyncSteerClient` (async) have the same methods, built on one shared
+transport (:mod:`clients.transport`); results are plain JSON dicts typed by :mod:`clients.types`."""
 
-__all__ = ["SteerClient", "SteerServeError", "steering"]
+from clients.steerserve_client import AsyncSteerClient, SteerClient, steering
+from clients.transport import NO_RETRY, RetryPolicy, SteerServeError
+
+__all__ = ["NO_RETRY", "AsyncSteerClient", "RetryPolicy", "SteerClient", "SteerServeError", "steering"]

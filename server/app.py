@@ -13,7 +13,7 @@ from fastapi import FastAPI
 
 from server.errors import install_error_handlers
 from server.lifespan import BACKENDS, AppState, lifespan
-from server.middleware import BodyLimits
+from server.middleware import BodyLimits, HTTPMetrics
 from server.openapi import AllowMethods, install_openapi
 from server.routes import attribution, evaluation, jobs, openai, probes, tokenize, unavailable, vectors
 from server.settings import ServerSettings
@@ -30,6 +30,7 @@ def create_app(settings: ServerSettings | None = None, backend: GenerationBacken
     install_openapi(app)
     app.add_middleware(BodyLimits, max_bytes=settings.max_body_bytes, timeout=settings.body_timeout_seconds)
     app.add_middleware(AllowMethods, router_app=app)
+    app.add_middleware(HTTPMetrics, router_app=app)  # outermost: sees every response, the 413s and 204s too
     if settings.analysis == "off":
         analysis = False
     elif backend is not None:

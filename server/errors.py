@@ -3,6 +3,11 @@ leaves the server in the OpenAI envelope ``{"error": {"message", "type", "param"
 
 Services raise core errors (:mod:`steering.errors`); only concerns that exist in HTTP alone (authentication,
 body size, a model still loading) raise :class:`APIError` with a status of their own.
+
+Every refused request is counted here, once, as its error response is made (:func:`count_refusal`, also called by
+:class:`server.middleware.BodyLimits` for the responses it makes itself): the ``reason`` label comes from the
+error's kind and status (:func:`failure_reason`), never from the request. A generation that fails inside the engine
+is counted by its outcome (``engine_error``) instead, so its 500 is not counted again.
 """
 
 from __future__ import annotations
@@ -17,6 +22,7 @@ from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
+from server.metrics import Metrics
 from steering.errors import (
     ConflictError,
     EngineClosedError,
@@ -80,6 +86,42 @@ def error_response(status: int, message: str, param: str | None = None, type_: s
     return ErrorJSON(error_body(status, message, param, type_), status_code=status, headers=headers)
 
 
+STATUS_REASONS = {400: "invalid_request", 401: "unauthenticated", 403: "forbidden", 404: "not_found",
+                  405: "method_not_allowed", 408: "body_timeout", 409: "conflict", 413: "too_large",
+                  422: "invalid_request", 429: "rate_limited", 501: "unsupported", 503: "unavailable"}
+"""HTTP status -> the ``reason`` label of ``steerserve_request_failure_total`` (all in
+:data:`server.metrics.FAILURE_REASONS`)."""
+
+
+def failure_reason(status: int, exc: BaseException | None = None) -> str | None:
+    """The bounded failure label of an error response, or None when it is counted elsewhere (a core error answered
+    500: the engine's failure, counted by the request's outcome)."""
+    if isinstance(exc, QueueFullError):
+        return "queue_full"
+    if isinstance(exc, SteeringError) and status == 500:
+        return None
+    if status in STATUS_REASONS:
+        return STATUS_REASONS[status]
+    if status == 500:
+        return "internal_error"
+    return "client_error" if status < 500 else "server_error"
+
+
+def metrics_of(app: Any) -> Metrics | None:
+    """The app's metrics once its services exist (not while the model loads)."""
+    services = getattr(getattr(getattr(app, "state", None), "steerserve", None), "services", None)
+    metrics = getattr(services, "metrics", None)
+    return metrics if isinstance(metrics, Metrics) else None
+
+
+def count_refusal(app: Any, status: int, exc: BaseException | None = None) -> None:
+    """Count one refused request of ``app`` in ``steerserve_request_failure_total``."""
+    reason = failure_reason(status, exc)
+    metrics = metrics_of(app)
+    if reason is not None and metrics is not None:
+        metrics.refused(reason)
+
+
 def as_api_error(exc: SteeringError, retry_after: int = 1) -> APIError:
     """A core error as HTTP, through :data:`ERROR_TABLE`."""
     status = next(code for kind, code in ERROR_TABLE if isinstance(exc, kind))
@@ -112,33 +154,41 @@ def validation_message(errors: list[Any], body: Any = None) -> tuple[str, str | 
 
 
 def install_error_handlers(app: FastAPI, retry_after: int = 1) -> None:
+    """The handlers that turn every error into the envelope; each counts its refusal once."""
+
+    def respond(request: Request, exc: BaseException, status: int, message: str, param: str | None = None,
+                type_: str | None = None, headers: dict[str, str] | None = None) -> JSONResponse:
+        count_refusal(request.app, status, exc)
+        return error_response(status, message, param, type_, headers)
+
     @app.exception_handler(APIError)
-    async def _api(_: Request, exc: APIError) -> JSONResponse:
-        return error_response(exc.status, exc.message, exc.param, exc.type, exc.headers)
+    async def _api(request: Request, exc: APIError) -> JSONResponse:
+        return respond(request, exc, exc.status, exc.message, exc.param, exc.type, exc.headers)
 
     @app.exception_handler(SteeringError)
-    async def _core(_: Request, exc: SteeringError) -> JSONResponse:
+    async def _core(request: Request, exc: SteeringError) -> JSONResponse:
         api = as_api_error(exc, retry_after)
-        return error_response(api.status, api.message, api.param, api.type, api.headers)
+        return respond(request, exc, api.status, api.message, api.param, api.type, api.headers)
 
     @app.exception_handler(RequestValidationError)
-    async def _validation(_: Request, exc: RequestValidationError) -> JSONResponse:
+    async def _validation(request: Request, exc: RequestValidationError) -> JSONResponse:
         errors = list(exc.errors())
         first = errors[0] if errors else {}
         if first.get("type") == "json_invalid":
-            return error_response(400, f"request body is not valid JSON: {first.get('ctx', {}).get('error', '')}")
+            return respond(request, exc, 400,
+                           f"request body is not valid JSON: {first.get('ctx', {}).get('error', '')}")
         message, param = validation_message(errors, exc.body)
-        return error_response(400, message, param)
+        return respond(request, exc, 400, message, param)
 
     @app.exception_handler(StarletteHTTPException)
-    async def _http(_: Request, exc: StarletteHTTPException) -> JSONResponse:
-        return error_response(exc.status_code, str(exc.detail), headers=getattr(exc, "headers", None))
+    async def _http(request: Request, exc: StarletteHTTPException) -> JSONResponse:
+        return respond(request, exc, exc.status_code, str(exc.detail), headers=getattr(exc, "headers", None))
 
     @app.exception_handler(json.JSONDecodeError)
-    async def _json(_: Request, exc: json.JSONDecodeError) -> JSONResponse:
-        return error_response(400, f"request body is not valid JSON: {exc}")
+    async def _json(request: Request, exc: json.JSONDecodeError) -> JSONResponse:
+        return respond(request, exc, 400, f"request body is not valid JSON: {exc}")
 
     @app.exception_handler(Exception)
-    async def _unexpected(_: Request, exc: Exception) -> JSONResponse:
+    async def _unexpected(request: Request, exc: Exception) -> JSONResponse:
         log.exception("unhandled error")
-        return error_response(500, f"internal error: {type(exc).__name__}", type_="server_error")
+        return respond(request, exc, 500, f"internal error: {type(exc).__name__}", type_="server_error")

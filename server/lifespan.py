@@ -16,6 +16,7 @@ from server.errors import APIError
 from server.serving import Services, build_services
 from server.settings import ServerSettings, request_limits
 from steering.engine.base import GenerationBackend
+from steering.errors import SteeringError
 
 log = logging.getLogger(__name__)
 
@@ -72,6 +73,9 @@ class AppState:
         self.draining = False
         self.drained = False
         """Set once a signal-driven drain has finished (the lifespan need not wait again)."""
+        self.on_load_error: Callable[[str], None] | None = None
+        """Called (on the event loop) with the reason when the model fails to load; the server that runs the app
+        sets it to stop the process (``server.run.SteerServer``). Without it, ``/ready`` keeps reporting it."""
 
     def require(self) -> Services:
         if self.services is None:
@@ -95,6 +99,7 @@ def lifespan(state: AppState, backend: GenerationBackend | None) -> Lifespan:
 
     async def load() -> None:
         factory = BACKENDS[settings.backend]
+        built: GenerationBackend | None = None
         try:
             built = await asyncio.to_thread(factory.build, settings)
             companion = factory.analysis
@@ -102,9 +107,17 @@ def lifespan(state: AppState, backend: GenerationBackend | None) -> Lifespan:
             if services.analysis.mode == "start":
                 await asyncio.to_thread(services.analysis.load)
             state.services = services
-        except Exception as exc:  # noqa: BLE001 - reported by /ready and /health
-            log.exception("the model failed to load")
-            state.load_error = str(exc)
+        except Exception as exc:  # noqa: BLE001 - reported by /ready and /health, and ends the server
+            state.load_error = str(exc) or type(exc).__name__
+            if isinstance(exc, SteeringError):  # a known failure (a missing or unreadable model): one line
+                log.error("the model failed to load: %s", state.load_error)
+            else:  # anything else is unexpected: keep the traceback
+                log.exception("the model failed to load")
+            if built is not None:  # built, but its analysis companion failed: stop it, the server cannot serve
+                with contextlib.suppress(Exception):
+                    await asyncio.to_thread(built.shutdown)
+            if state.on_load_error is not None:
+                state.on_load_error(state.load_error)
 
     @contextlib.asynccontextmanager
     async def run(app: FastAPI) -> AsyncIterator[None]:

@@ -1,10 +1,28 @@
-"""Prometheus metrics, prefix ``steerserve_``, label ``model_name``, after vLLM's conventions."""
+"""Prometheus metrics, prefix ``steerserve_``, label ``model_name``, after vLLM's conventions.
+
+Besides the engine's own series, the registry holds the process and platform collectors (``process_*``,
+``python_info``) and the HTTP series that :class:`server.middleware.HTTPMetrics` records
+(``steerserve_http_requests_total{method, route, status}`` and
+``steerserve_http_request_duration_seconds{method, route}``, ``route`` being the route template). Every refused
+request is counted once in ``steerserve_request_failure_total{reason}`` where it becomes an error response
+(:mod:`server.errors`), with a reason from :data:`FAILURE_REASONS`.
+"""
 
 from __future__ import annotations
 
+from collections.abc import Iterable
 from typing import Any
 
-from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, disable_created_metrics
+from prometheus_client import (
+    CollectorRegistry,
+    Counter,
+    Gauge,
+    GCCollector,
+    Histogram,
+    PlatformCollector,
+    ProcessCollector,
+    disable_created_metrics,
+)
 
 from steering.engine.base import GenerationBackend
 from steering.store import VectorStore
@@ -13,7 +31,20 @@ disable_created_metrics()  # no *_created series: dashboards only need the count
 
 _LATENCY = (0.001, 0.005, 0.01, 0.02, 0.04, 0.06, 0.08, 0.1, 0.25, 0.5, 0.75, 1.0, 2.5, 5.0, 7.5, 10.0,
             20.0, 40.0, 80.0)
+_HTTP = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0, 120.0, 300.0)
 _E2E = (0.3, 0.5, 0.8, 1.0, 1.5, 2.0, 2.5, 5.0, 10.0, 15.0, 20.0, 30.0, 40.0, 50.0, 60.0, 120.0, 240.0, 480.0)
+
+
+FAILURE_REASONS = ("invalid_request", "unauthenticated", "forbidden", "not_found", "method_not_allowed",
+                   "body_timeout", "conflict", "too_large", "rate_limited", "queue_full", "unavailable",
+                   "unsupported", "engine_error", "internal_error", "client_error", "server_error")
+"""Every ``reason`` label of ``steerserve_request_failure_total``: a fixed set (never derived from user text)."""
+
+HTTP_METHODS = frozenset({"GET", "HEAD", "POST", "PUT", "PATCH", "DELETE", "OPTIONS"})
+"""Methods labelled as themselves; any other is ``other``."""
+
+UNMATCHED_ROUTE = "unmatched"
+"""The ``route`` label of a request that matched no route (never the raw path: cardinality stays bounded)."""
 
 
 class Metrics:
@@ -23,6 +54,9 @@ class Metrics:
         self.registry = CollectorRegistry()
         self.model_name = model_name
         r, lbl = self.registry, ["model_name"]
+        ProcessCollector(registry=r)
+        PlatformCollector(registry=r)
+        GCCollector(registry=r)
         self.running = Gauge("steerserve_num_requests_running", "Requests in the running batch.", lbl, registry=r)
         self.waiting = Gauge("steerserve_num_requests_waiting", "Requests waiting for a batch slot.", lbl,
                              registry=r)
@@ -34,8 +68,8 @@ class Metrics:
                                lbl + ["finished_reason"], registry=r)
         self.failure = Counter("steerserve_request_failure", "Requests that failed.", lbl + ["reason"],
                                registry=r)
-        self.steered = Counter("steerserve_steered_requests", "Requests steered, by vector.", lbl + ["vector"],
-                               registry=r)
+        self.steered = Counter("steerserve_steered_requests", "Requests steered, by vector (once per request "
+                               "and vector with a non-zero scale, whatever its n).", lbl + ["vector"], registry=r)
         self.ttft = Histogram("steerserve_time_to_first_token_seconds", "Time to first token.", lbl,
                               buckets=_LATENCY, registry=r)
         self.itl = Histogram("steerserve_inter_token_latency_seconds", "Time between tokens.", lbl,
@@ -54,6 +88,11 @@ class Metrics:
 
         self.job_outcomes = Counter("steerserve_jobs", "Background jobs (vector builds, sweeps) by type and outcome.",
                                     lbl + ["type", "status"], registry=r)
+        self.http_requests = Counter("steerserve_http_requests", "HTTP requests, by method, route template and "
+                                     "status.", ["method", "route", "status"], registry=r)
+        self.http_seconds = Histogram("steerserve_http_request_duration_seconds", "HTTP request latency (until "
+                                      "the response's last byte, streams included), by route template.",
+                                      ["method", "route"], buckets=_HTTP, registry=r)
         self.job_seconds = Histogram("steerserve_job_compute_seconds", "Model time of a finished job.",
                                      lbl + ["type"], buckets=_E2E + (900.0, 1800.0, 3600.0), registry=r)
 
@@ -66,6 +105,8 @@ class Metrics:
         self.jobs.labels(m).set_function(lambda: backend.stats().jobs)
         for reason in ("stop", "length", "abort"):
             self.success.labels(m, reason)
+        for reason in FAILURE_REASONS:
+            self.failure.labels(m, reason)
         self.prompt_tokens.labels(m)
         self.generation_tokens.labels(m)
 
@@ -89,8 +130,23 @@ class Metrics:
             if metrics.finished_time is not None:
                 self.e2e.labels(m).observe(metrics.finished_time - metrics.arrival_time)
 
+    def refused(self, reason: str) -> None:
+        """Count a refused request (called once per error response, by :mod:`server.errors`)."""
+        self.failure.labels(self.model_name, reason if reason in FAILURE_REASONS else "server_error").inc()
+
     def rejected(self, reason: str) -> None:
-        self.failure.labels(self.model_name, reason).inc()
+        """Kept for callers that used to count their own refusals: every refusal is now counted once, where it
+        becomes an error response (:func:`server.errors.count_refusal`), so counting here would count it twice."""
+
+    def steered_request(self, vectors: Iterable[str]) -> None:
+        """One steered request (all of its ``n`` choices together): once per distinct vector."""
+        for name in dict.fromkeys(vectors):
+            self.steered.labels(self.model_name, name).inc()
+
+    def http_request(self, method: str, route: str, status: int, seconds: float) -> None:
+        method = method if method in HTTP_METHODS else "other"
+        self.http_requests.labels(method, route, str(status)).inc()
+        self.http_seconds.labels(method, route).observe(seconds)
 
     def attribution_done(self, method: str, status: str, job_metrics: Any) -> None:
         self.attributions.labels(self.model_name, method, status).inc()

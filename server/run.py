@@ -4,6 +4,9 @@
   its previous response); idle keep-alive connections close after ``keep_alive_seconds``; at most
   ``max_connections`` connections and requests are served at once (beyond, uvicorn answers 503). Bodies are
   bounded in size and time by :class:`server.middleware.BodyLimits`.
+* With ``stop_on_load_error`` (``steerserve serve``), a model that fails to load stops the server (the lifespan's
+  loader reports it through ``AppState.on_load_error``); :attr:`SteerServer.load_error` then holds the reason and
+  the command exits non-zero.
 * Shutdown: the first SIGTERM (or SIGINT) marks the app draining: ``/ready`` answers 503 and new requests 503,
   while the listener stays open and running work goes on, for at least ``shutdown_delay_seconds`` (so a load
   balancer sees the probe fail) and at most ``drain_seconds``. Streams still running then end with an error
@@ -64,11 +67,22 @@ class HeaderTimeoutProtocol(H11Protocol):
 
 
 class SteerServer(uvicorn.Server):
-    def __init__(self, config: uvicorn.Config, app: FastAPI) -> None:
+    def __init__(self, config: uvicorn.Config, app: FastAPI, stop_on_load_error: bool = False) -> None:
         super().__init__(config)
         self.state: AppState = app.state.steerserve
         self._loop: asyncio.AbstractEventLoop | None = None
         self._drain: asyncio.Task[None] | None = None
+        self.load_error: str | None = None
+        """Set when the model failed to load and ``stop_on_load_error``: the server has stopped (``steerserve
+        serve`` then exits non-zero). Without it, the server stays up and ``/ready`` and ``/health`` report it."""
+        if stop_on_load_error:
+            self.state.on_load_error = self._load_failed
+
+    def _load_failed(self, message: str) -> None:
+        # Called on the event loop by the lifespan's loader: a server that can never become ready stops, so that
+        # a supervisor sees the failure (and restarts it, or reports it) instead of a process stuck at /ready 503.
+        self.load_error = message
+        self.should_exit = True
 
     async def serve(self, sockets: Any = None) -> None:
         self._loop = asyncio.get_running_loop()
@@ -102,7 +116,9 @@ class SteerServer(uvicorn.Server):
         self.should_exit = True
 
 
-def build_server(app: FastAPI, settings: ServerSettings) -> SteerServer:
+def build_server(app: FastAPI, settings: ServerSettings, *, stop_on_load_error: bool = False) -> SteerServer:
+    """``stop_on_load_error``: a model that fails to load stops the server (the command line's choice, so that a
+    supervisor sees the failure); else it keeps serving 503 with the reason."""
     # The engine's and the preparing threads share the GIL with the event loop; a short switch interval lets the
     # loop forward a token (or answer a probe) at once instead of waiting up to 5 ms per hand-off.
     sys.setswitchinterval(0.0005)
@@ -112,4 +128,4 @@ def build_server(app: FastAPI, settings: ServerSettings) -> SteerServer:
         timeout_keep_alive=settings.keep_alive_seconds, limit_concurrency=settings.max_connections,
         timeout_graceful_shutdown=max(1, int(settings.drain_seconds) + 5),
     )
-    return SteerServer(config, app)
+    return SteerServer(config, app, stop_on_load_error)

@@ -11,6 +11,7 @@ from collections.abc import Mapping, Sequence
 from typing import Any, Literal
 
 from steering.errors import InvalidRequestError
+from steering.tools import ToolSpec, inline_tools, template_messages, template_renders_tools
 
 PromptFormat = Literal["raw", "chat"]
 _ROLES = {"developer": "system"}
@@ -62,13 +63,31 @@ class Inputs:
         """Messages as the chat template takes them (``developer`` is the ``system`` role)."""
         return [{**m, "role": _ROLES.get(str(m.get("role")), m.get("role"))} for m in messages]
 
-    def encode_chat(self, messages: Sequence[Mapping[str, Any]], add_generation_prompt: bool = True) -> list[int]:
+    @property
+    def renders_tools(self) -> bool:
+        """Whether the chat template renders ``tools`` itself (else they go into a system preamble)."""
+        return template_renders_tools(getattr(self.tokenizer, "chat_template", None))
+
+    def encode_chat(self, messages: Sequence[Mapping[str, Any]], add_generation_prompt: bool = True,
+                    tools: Sequence[ToolSpec] | None = None) -> list[int]:
+        """The messages through the chat template; ``tools`` (and earlier calls and results in the messages)
+        rendered by the template when it can, else as :mod:`steering.tools` writes them."""
         if not self.has_chat_template:
             raise InvalidRequestError("this model's tokenizer has no chat template; use completions",
                                       param="messages")
+        msgs = self.chat_messages(messages)
+        kwargs: dict[str, Any] = {}
+        if self.renders_tools:
+            msgs = template_messages(msgs)
+            if tools:
+                kwargs["tools"] = [t.as_template_tool() for t in tools]
+        elif tools or any(m.get("tool_calls") or m.get("role") == "tool" for m in msgs):
+            msgs = inline_tools(msgs, tools or [])
+        else:
+            msgs = [{**m, "content": m.get("content") or ""} for m in msgs]
         try:
-            text = self.tokenizer.apply_chat_template(self.chat_messages(messages), tokenize=False,
-                                                      add_generation_prompt=add_generation_prompt)
+            text = self.tokenizer.apply_chat_template(msgs, tokenize=False,
+                                                      add_generation_prompt=add_generation_prompt, **kwargs)
         except Exception as exc:  # noqa: BLE001 - template errors are the caller's input errors
             raise InvalidRequestError(f"cannot apply the chat template: {exc}", param="messages") from exc
         return self.encode_text(text, add_special_tokens=False)

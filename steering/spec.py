@@ -35,6 +35,15 @@ Positions = PositionKind | tuple[int, ...]
 POSITION_KINDS: tuple[str, ...] = ("all", "prompt", "generated")
 MAX_APPLICATIONS = 16
 
+# The defaults of one application, shared by every entry point (the HTTP API, ``steerserve generate``): a vector
+# given without a scale steers with its stored setting, else with these.
+DEFAULT_SCALE = 1.0
+"""The scale of a vector given without a scale that has no stored setting."""
+DEFAULT_POSITIONS: PositionKind = "all"
+"""Where a vector acts when neither the request nor its stored setting says."""
+DEFAULT_NORMALIZE = False
+"""Whether a steered token keeps its norm when neither the request nor the stored setting says."""
+
 
 def parse_positions(value: Any, param: str = "positions") -> Positions:
     """A position kind, or a sorted tuple of distinct non-negative token positions."""
@@ -169,8 +178,8 @@ def stored_setting(vector: SteeringVector) -> StoredSetting | None:
         return None
     try:
         scales = {int(k): float(v) for k, v in dict(raw["scales_abs"]).items()}
-        positions = parse_positions(raw.get("positions", "all"))
-        normalize = bool(raw.get("normalize", False))
+        positions = parse_positions(raw.get("positions", DEFAULT_POSITIONS))
+        normalize = bool(raw.get("normalize", DEFAULT_NORMALIZE))
     except (KeyError, TypeError, ValueError, SteeringValidationError):
         return None
     if not scales or any(x not in vector.values or not math.isfinite(s) for x, s in scales.items()):
@@ -220,7 +229,7 @@ def resolve(spec: SteeringSpec, *, hidden_size: int, num_layers: int, max_len: i
                                         {x: vec.values[x]}, s, pos, norm)
                     for x, s in sorted(setting.scales.items())]
             continue
-        scale = 1.0 if app.scale is None else app.scale
+        scale = DEFAULT_SCALE if app.scale is None else app.scale
         if not isinstance(scale, (int, float)) or isinstance(scale, bool) or not math.isfinite(scale):
             raise SteeringValidationError(f"{where}.scale must be a finite number", param=f"{where}.scale")
         layers = sorted(app.layers) if app.layers is not None else vec.layers
@@ -237,12 +246,14 @@ def resolve(spec: SteeringSpec, *, hidden_size: int, num_layers: int, max_len: i
                 raise SteeringValidationError(
                     f"{where}: the vector has no values for layer {layer}; it has layers {vec.layers}",
                     param=f"{where}.layers")
-        positions = parse_positions("all" if app.positions is None else app.positions, f"{where}.positions")
+        positions = parse_positions(DEFAULT_POSITIONS if app.positions is None else app.positions,
+                                    f"{where}.positions")
         if max_len is not None and not isinstance(positions, str) and positions[-1] >= max_len:
             raise SteeringValidationError(
                 f"{where}.positions: position {positions[-1]} is beyond the longest sequence this model runs "
                 f"({max_len} tokens)", param=f"{where}.positions")
         out.append(ResolvedApplication(vec.name if isinstance(app.vector, SteeringVector) else app.vector,
                                        {layer: vec.values[layer] for layer in layers}, float(scale),
-                                       positions, bool(app.normalize)))
+                                       positions, DEFAULT_NORMALIZE if app.normalize is None
+                                       else bool(app.normalize)))
     return ResolvedSteering(tuple(out))

@@ -81,7 +81,8 @@ class SteerEvaluation(Strict):
     scorer: str | None = "sentiment"
     """A registered scorer (``GET /v1/evaluations/scorers``), or null for none."""
     scorer_params: dict[str, Any] = Field(default_factory=dict)
-    chat: bool = True
+    chat: bool = False
+    """Prompts as user messages in the chat template (default: raw text, as TruthfulQA's ``prompt_format``)."""
     system_prompt: str | None = None
     max_tokens: int = Field(48, ge=1, le=4096)
     temperature: float = Field(0.0, ge=0)

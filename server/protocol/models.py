@@ -25,6 +25,23 @@ class ModelList(BaseModel):
     data: list[ModelCard]
 
 
+class TokenizerInfo(BaseModel):
+    """The tokenizer's configuration, as vLLM's ``/tokenizer_info`` gives it (lm-evaluation-harness's remote
+    tokenizer reads it)."""
+
+    tokenizer_class: str
+    model_max_length: int
+    vocab_size: int
+    bos_token: str | None = None
+    eos_token: str | None = None
+    pad_token: str | None = None
+    unk_token: str | None = None
+    add_bos_token: bool | None = None
+    add_eos_token: bool | None = None
+    chat_template: str | None = None
+    special_tokens: list[str] = []
+
+
 class TokenizeRequest(Strict):
     """Tokenize a ``prompt`` (text) or ``messages`` (with the chat template): exactly one."""
 

@@ -32,9 +32,33 @@ class VectorInfo(BaseModel):
     metadata: dict[str, Any]
 
 
+class RefusedVector(BaseModel):
+    """A file in the vector directory that this server cannot use, and why (e.g. built for another model)."""
+
+    file: str
+    name: str | None
+    """The vector's name, when the file's name is a valid one."""
+    reason: str
+
+
 class VectorList(BaseModel):
     object: Literal["list"] = "list"
     data: list[VectorInfo]
+    refused: list[RefusedVector] = []
+    """Files in the vector directory that are not usable here (not in ``data``)."""
+
+
+class VectorReload(BaseModel):
+    """What a re-scan of the vector directory found changed since the server last looked."""
+
+    object: Literal["steering.vectors.reload"] = "steering.vectors.reload"
+    added: list[str]
+    removed: list[str]
+    changed: list[str]
+    refused: list[RefusedVector]
+    """Every file that is not usable (not only those found this time)."""
+    total: int
+    """Usable vectors after the re-scan."""
 
 
 class VectorDeleted(BaseModel):

@@ -14,7 +14,7 @@ from server.protocol.generation import (
     CompletionRequest,
     CompletionResponse,
 )
-from server.protocol.models import ModelList
+from server.protocol.models import ModelCard, ModelList
 from server.streaming import event_stream, until_disconnect
 
 router = APIRouter(prefix="/v1", tags=["openai"], responses={**API_ERRORS, **errors(404, 500)})
@@ -23,6 +23,13 @@ router = APIRouter(prefix="/v1", tags=["openai"], responses={**API_ERRORS, **err
 @router.get("/models", response_model=ModelList)
 async def list_models(svc: ServicesDep, _: ReadKey) -> ModelList:
     return svc.models.listing()
+
+
+@router.get("/models/{model_id:path}", response_model=ModelCard)
+async def retrieve_model(model_id: str, svc: ServicesDep, _: ReadKey) -> ModelCard:
+    """The served model's card (the OpenAI SDK's ``models.retrieve``); another name is a 404."""
+    svc.models.check(model_id)
+    return svc.models.card
 
 
 EVENT: dict[str, Any] = {"type": "object", "required": ["data"], "properties": {

@@ -1,4 +1,4 @@
-"""``/tokenize`` and ``/detokenize`` (vLLM's extension endpoints)."""
+"""``/tokenize``, ``/detokenize`` and ``/tokenizer_info`` (vLLM's extension endpoints)."""
 
 from __future__ import annotations
 
@@ -7,7 +7,13 @@ from fastapi.responses import Response
 
 from server.deps import ReadKey, ServicesDep
 from server.openapi import API_ERRORS, errors
-from server.protocol.models import DetokenizeRequest, DetokenizeResponse, TokenizeRequest, TokenizeResponse
+from server.protocol.models import (
+    DetokenizeRequest,
+    DetokenizeResponse,
+    TokenizeRequest,
+    TokenizeResponse,
+    TokenizerInfo,
+)
 
 router = APIRouter(tags=["tokenizer"], responses={**API_ERRORS, **errors(404)})
 
@@ -20,3 +26,8 @@ async def tokenize(req: TokenizeRequest, svc: ServicesDep, _: ReadKey) -> Respon
 @router.post("/detokenize", response_model=DetokenizeResponse)
 async def detokenize(req: DetokenizeRequest, svc: ServicesDep, _: ReadKey) -> DetokenizeResponse:
     return svc.tokenizer.detokenize(req)
+
+
+@router.get("/tokenizer_info", response_model=TokenizerInfo)
+async def tokenizer_info(svc: ServicesDep, _: ReadKey) -> TokenizerInfo:
+    return svc.tokenizer.info()

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 from typing import Annotated
 
 from fastapi import APIRouter, Path, Query, Request
@@ -18,6 +19,7 @@ from server.protocol.vectors import (
     VectorDeleted,
     VectorInfo,
     VectorList,
+    VectorReload,
     VectorRename,
     VectorSweepRequest,
     VectorUpload,
@@ -46,7 +48,7 @@ _UPLOAD_BODY = {"requestBody": {"required": True, "content": {
 
 @router.get("/vectors", response_model=VectorList)
 async def list_vectors(svc: ServicesDep, _: ReadKey) -> VectorList:
-    return svc.vectors.listing()
+    return await asyncio.to_thread(svc.vectors.listing)  # a scan of the directory: off the event loop
 
 
 @router.post("/vectors", response_model=VectorInfo, status_code=201, openapi_extra=_UPLOAD_BODY,
@@ -81,6 +83,13 @@ async def _from_form(request: Request) -> tuple[str, SteeringVector, bool, str |
     overwrite = str(form.get("overwrite", "false")).lower() in ("1", "true", "yes")
     desc = form.get("description")
     return name, vec, overwrite, desc if isinstance(desc, str) else None
+
+
+@router.post("/vectors/reload", response_model=VectorReload)
+async def reload_vectors(svc: ServicesDep, _: AdminKey) -> VectorReload:
+    """Re-scan the vector directory now (vectors written by the CLI or another process are otherwise found on
+    first use and by listings): what was added, removed, changed, and which files are not usable."""
+    return await asyncio.to_thread(svc.vectors.reload)
 
 
 @router.get("/vectors/{name}", response_model=VectorInfo)

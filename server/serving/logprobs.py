@@ -33,3 +33,22 @@ def completion_logprobs(inputs: Inputs, lps: Sequence[TokenLogprob], offset: int
         out.text_offset.append(offset)
         offset += len(s)
     return out
+
+
+def prompt_logprobs(inputs: Inputs, ids: Sequence[int], lps: Sequence[TokenLogprob | None]) -> CompletionLogprobs:
+    """An echoed prompt's tokens: the first has no log-probability (nothing precedes it), nor any position the
+    backend did not score."""
+    out = CompletionLogprobs()
+    offset = 0
+    for k, tok in enumerate(ids):
+        s = inputs.token_text(tok)
+        lp = lps[k] if k < len(lps) else None
+        out.tokens.append(s)
+        out.token_logprobs.append(None if lp is None else lp.logprob)
+        top = None if lp is None else {inputs.token_text(i): v for i, v in lp.top}
+        if top is not None and lp is not None:
+            top.setdefault(s, lp.logprob)
+        out.top_logprobs.append(top)
+        out.text_offset.append(offset)
+        offset += len(s)
+    return out

@@ -71,29 +71,33 @@ class Submitter:
         return None
 
     def submit(self, prompt_ids: list[int], sampling: Sequence[SamplingParams],
-               steering: SteeringSpec | None) -> Submitted:
-        """Submit one request per sampling (the ``n`` choices); all or none are accepted."""
+               steering: SteeringSpec | None, count: bool = True) -> Submitted:
+        """Submit one request per sampling (the ``n`` choices); all or none are accepted. ``count``: whether this
+        submission counts as a steered request (a batch of prompts counts once)."""
         loop = asyncio.get_running_loop()
         room = self.backend.stats().max_waiting
-        if len(sampling) > room:
-            self.metrics.rejected("invalid_request")
+        if len(sampling) > room:  # refusals are counted where they become error responses (server.errors)
             raise InvalidRequestError(f"n={len(sampling)} choices can never be queued here: this server queues at "
                                       f"most {room} requests", param="n")
         handles: list[RequestHandle] = []
         try:
             for sp in sampling:
                 handles.append(self.backend.submit(GenerationRequest(prompt_ids, sp, steering), loop=loop))
-        except SteeringError as exc:
+        except SteeringError:
             for h in handles:
                 h.cancel()
-            self.metrics.rejected(rejection_reason(exc))
             raise
         self.live.update(handles)
         resolved = handles[0].steering
-        if resolved is not None:
-            for app in resolved.applications:
-                self.metrics.steered.labels(self.metrics.model_name, app.name or "inline").inc(len(handles))
+        if resolved is not None and count:  # one request, however many choices: once per vector that changes anything
+            self.metrics.steered_request(app.name or "inline" for app in resolved.active)
         return Submitted(handles, len(prompt_ids))
+
+    def abandon(self, sub: Submitted) -> None:
+        """Cancel a submission nobody will read (a later part of the same request was refused)."""
+        for h in sub.handles:
+            h.cancel()
+            self.live.discard(h)
 
     async def stream(self, handle: RequestHandle) -> AsyncGenerator[RequestOutput, None]:
         """Deltas of one request; if the consumer stops early, the generation is cancelled."""

@@ -3,7 +3,13 @@
 from __future__ import annotations
 
 from server.protocol.generation import chat_messages
-from server.protocol.models import DetokenizeRequest, DetokenizeResponse, TokenizeRequest, TokenizeResponse
+from server.protocol.models import (
+    DetokenizeRequest,
+    DetokenizeResponse,
+    TokenizeRequest,
+    TokenizeResponse,
+    TokenizerInfo,
+)
 from server.serving.models import ModelService
 from server.serving.threads import tokenize
 from steering.errors import InvalidRequestError
@@ -40,3 +46,22 @@ class TokenizerService:
         if bad:
             raise InvalidRequestError(f"token ids must be in [0, {vocab}); got {bad[:5]}", param="tokens")
         return DetokenizeResponse(prompt=self.inputs.decode(req.tokens))
+
+    def info(self) -> TokenizerInfo:
+        tok = self.inputs.tokenizer
+
+        def text(name: str) -> str | None:
+            value = getattr(tok, name, None)
+            return None if value is None else str(value)
+
+        def flag(name: str) -> bool | None:
+            value = getattr(tok, name, None)
+            return value if isinstance(value, bool) else None
+
+        template = getattr(tok, "chat_template", None)
+        return TokenizerInfo(
+            tokenizer_class=type(tok).__name__, model_max_length=self.models.max_model_len,
+            vocab_size=self.models.info.vocab_size, bos_token=text("bos_token"), eos_token=text("eos_token"),
+            pad_token=text("pad_token"), unk_token=text("unk_token"), add_bos_token=flag("add_bos_token"),
+            add_eos_token=flag("add_eos_token"), chat_template=template if isinstance(template, str) else None,
+            special_tokens=sorted(str(t) for t in getattr(tok, "all_special_tokens", []) or []))

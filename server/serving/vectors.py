@@ -15,9 +15,11 @@ from server.protocol.vectors import (
     BuilderInfo,
     BuilderList,
     JobInfo,
+    RefusedVector,
     VectorBuildRequest,
     VectorInfo,
     VectorList,
+    VectorReload,
     VectorRename,
     VectorSweepRequest,
     examples,
@@ -28,16 +30,20 @@ from steering.datasets import dataset_hash
 from steering.engine.base import ModelFront
 from steering.errors import ConflictError, UnsupportedError
 from steering.gguf_vectors import export_for_llama_cpp
-from steering.store import VectorExistsError, VectorStore, check_name
+from steering.store import Refused, VectorExistsError, VectorStore, check_name
 from steering.tasks import builders
 from steering.tasks.builders.sweep import stored_setting
 from steering.vectors import SteeringVector
 
 
-def vector_info(store: VectorStore, vec: SteeringVector) -> VectorInfo:
+def vector_info(store: VectorStore, vec: SteeringVector, norms: dict[int, float] | None = None) -> VectorInfo:
     name = vec.name or ""
-    return VectorInfo(name=name, layers=vec.layers, hidden_size=vec.hidden_size, norms=store.norms(name),
-                      metadata=vec.metadata)
+    return VectorInfo(name=name, layers=vec.layers, hidden_size=vec.hidden_size,
+                      norms=store.norms(name) if norms is None else norms, metadata=vec.metadata)
+
+
+def refused_info(items: list[Refused]) -> list[RefusedVector]:
+    return [RefusedVector(file=r.file, name=r.name, reason=r.reason) for r in items]
 
 
 class VectorService:
@@ -50,10 +56,20 @@ class VectorService:
         self.limits = limits
 
     def listing(self) -> VectorList:
-        return VectorList(data=[vector_info(self.store, self.store.get(n)) for n in self.store.names()])
+        """The directory as it is now (a scan: vectors other processes wrote are listed, deleted ones not)."""
+        entries = self.store.entries()
+        return VectorList(data=[vector_info(self.store, vec, norms) for vec, norms in entries],
+                          refused=refused_info(self.store.refused()))
 
     def get(self, name: str) -> VectorInfo:
-        return vector_info(self.store, self.store.get(name))
+        vec, norms = self.store.entry(name)
+        return vector_info(self.store, vec, norms)
+
+    def reload(self) -> VectorReload:
+        """Re-scan the directory now; backends hear of every change (as of uploads)."""
+        r = self.store.reload()
+        return VectorReload(added=r.added, removed=r.removed, changed=r.changed, refused=refused_info(r.refused),
+                            total=r.total)
 
     def put(self, name: str, vec: SteeringVector, overwrite: bool, description: str | None) -> VectorInfo:
         meta = {"source": "upload", **vec.metadata}
@@ -88,7 +104,7 @@ class VectorService:
     async def build(self, req: VectorBuildRequest, owner: Principal) -> JobInfo:
         jobs = self._jobs()
         check_name(req.name)
-        if req.name in self.store and not req.overwrite:  # checked again when the result is saved
+        if self.store.exists(req.name) and not req.overwrite:  # checked again when the result is saved
             raise VectorExistsError(f"steering vector {req.name!r} already exists (set overwrite to replace it)",
                                     param="name")
         prep = await prepare(builders.prepare_build, self.model, req.to_core(), self.limits)
@@ -132,5 +148,5 @@ class VectorService:
             raise ConflictError(f"steering vector {name!r} was replaced while the sweep ran; its setting was not "
                                 "saved", param="name")
         meta = {**current.metadata, "setting": setting}
-        self.store.put(name, replace(current, metadata=meta), overwrite=True)
+        self.store.put(name, replace(current, metadata=meta), overwrite=True, expect=current)
         return True

@@ -22,7 +22,7 @@ from steering.engine.types import EngineStats, GenerationRequest, GenerationResu
 from steering.errors import InvalidRequestError
 from steering.inputs import Inputs
 from steering.limits import RequestLimits
-from steering.sampling import SamplingParams
+from steering.sampling import SamplingParams, StructuredOutput
 from steering.spec import ResolvedSteering, SteeringSpec, resolve
 
 if TYPE_CHECKING:
@@ -95,6 +95,11 @@ class GenerationBackend(ABC):
                 f"this model's maximum context length is {info.max_model_len} tokens; the request needs {total} "
                 f"({len(ids)} in the prompt, {sp.max_tokens} for the completion)", param="max_tokens")
         return self.resolve_steering(request.steering) if request.steering is not None else None
+
+    def prepare_structured(self, spec: StructuredOutput) -> None:  # noqa: B027 - optional hook
+        """Compile a structured output's grammar ahead of ``submit`` (blocking; a server calls it off its event
+        loop); raise InvalidRequestError (``param="response_format"``) if it is not valid. Default: nothing to
+        prepare."""
 
     @abstractmethod
     def submit(self, request: GenerationRequest, loop: asyncio.AbstractEventLoop | None = None) -> RequestHandle:

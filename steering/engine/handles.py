@@ -118,6 +118,7 @@ class RequestHandle:
             stop_reason=last.stop_reason, metrics=last.metrics,
             num_cached_tokens=next((o.num_cached_tokens for o in reversed(outs) if o.num_cached_tokens is not None),
                                    None),
+            prompt_logprobs=next((o.prompt_logprobs for o in outs if o.prompt_logprobs is not None), None),
         )
 
     def result(self) -> GenerationResult:

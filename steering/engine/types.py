@@ -94,6 +94,9 @@ class RequestOutput:
     time: float = 0.0  # time.monotonic() when the engine produced it
     num_cached_tokens: int | None = None
     """Prompt tokens read from a prefix cache instead of computed (backends with one report it)."""
+    prompt_logprobs: list[TokenLogprob | None] | None = None
+    """With ``sampling.prompt_logprobs``: one entry per prompt token, the first None (nothing precedes it); set
+    on the request's first output only."""
 
 
 @dataclass
@@ -107,6 +110,8 @@ class GenerationResult:
     stop_reason: str | int | None
     metrics: RequestMetrics | None
     num_cached_tokens: int | None = None
+    prompt_logprobs: list[TokenLogprob | None] | None = None
+    """With ``sampling.prompt_logprobs``: as :attr:`RequestOutput.prompt_logprobs` (from the first output)."""
 
 
 @dataclass(frozen=True)

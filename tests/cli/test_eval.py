@@ -29,6 +29,7 @@ def test_cli_eval(tiny_dir, tiny_lm, sentiment_vector, tmp_path):
     assert [c["label"] for c in d["conditions"]] == ["unsteered", "pos@L2 x0.5 rel", "pos@L2 x1 rel"]
     assert d["conditions"][2]["steering"][0]["scale"] == pytest.approx(sentiment_vector.metadata["hidden_norms"]["2"])
     assert d["data"]["examples"] == 3 and d["data"]["rows"] == "0-2"
+    assert d["settings"]["prompt_format"] == "raw"  # the default of both eval commands
     assert (tmp_path / "r.md").read_text() in r.output
     prompts = tmp_path / "p.txt"
     prompts.write_text("The day was\n\nMy friend is\n")
@@ -40,10 +41,11 @@ def test_cli_eval(tiny_dir, tiny_lm, sentiment_vector, tmp_path):
     assert s["data"]["examples"] == 3 and s["conditions"][1]["label"] == "pos@L1 x20"
     assert s["conditions"][1]["steering"][0]["scale"] == 20.0 and "sentiment" in r.output
     r = CliRunner().invoke(app, ["eval", "steer", "--questions", str(csv_path), "--rows", "1", "--scorer", "none",
-                                 "--max-tokens", "2", "--no-chat", "--output", str(tmp_path / "q.json"), *vd, *model])
+                                 "--max-tokens", "2", "--json", *vd, *model])  # raw text: the default of both
     assert r.exit_code == 0, r.output
-    assert json.loads((tmp_path / "q.json").read_text())["conditions"][0]["samples"][0]["prompt"] == \
-        "Q: What do cats eat?\nA:"
+    report = json.loads(r.stdout)
+    assert report["conditions"][0]["samples"][0]["prompt"] == "Q: What do cats eat?\nA:"
+    assert report["settings"]["chat"] is False
     bad = CliRunner().invoke(app, ["eval", "truthfulqa", "--data", str(csv_path), "--vector", "pos", *vd, *model])
     assert bad.exit_code == 2 and "no sweep result" in bad.output
     bad = CliRunner().invoke(app, ["eval", "truthfulqa", "--data", str(csv_path), "--vector", "pos", "--vector",

@@ -98,3 +98,96 @@ def test_sigterm_on_a_real_process(tmp_path):
     finally:
         if proc.poll() is None:
             proc.kill()
+
+
+def _run_serve(args: list[str], env_extra: dict, timeout: float):
+    import os
+    import subprocess
+    import sys
+
+    env = os.environ | env_extra
+    t0 = time.monotonic()
+    proc = subprocess.run([sys.executable, "-m", "cli", "serve", *args], env=env, capture_output=True, text=True,
+                          timeout=timeout)
+    return proc, time.monotonic() - t0
+
+
+def test_serve_with_a_missing_model_exits_at_once_with_one_line(tmp_path):
+    from tests.live import free_port
+
+    proc, seconds = _run_serve(["--model", "/no/such/path", "--port", str(free_port())],
+                               {"STEERSERVE_VECTOR_DIR": str(tmp_path)}, timeout=60)
+    assert proc.returncode == 2, proc.stderr
+    lines = proc.stderr.strip().splitlines()
+    assert len(lines) == 1 and "/no/such/path" in lines[0] and "not found" in lines[0], proc.stderr
+    assert "Traceback" not in proc.stderr and "Uvicorn running" not in proc.stderr
+    assert seconds < 30  # before uvicorn, before any model work
+
+
+def test_a_model_that_fails_to_load_in_the_lifespan_stops_the_server(tmp_path):
+    """The path passes the cheap checks (a directory with a config.json) but cannot be loaded: the server stops
+    with a non-zero status and one error line, instead of staying up with /ready 503."""
+    from tests.live import free_port
+
+    broken = tmp_path / "broken"
+    broken.mkdir()
+    (broken / "config.json").write_text("{}")
+    proc, seconds = _run_serve(["--model", str(broken), "--port", str(free_port()), "--device", "cpu"],
+                               {"STEERSERVE_VECTOR_DIR": str(tmp_path / "v")}, timeout=120)
+    assert proc.returncode == 2, proc.stderr
+    assert "Traceback" not in proc.stderr
+    errors = [line for line in proc.stderr.splitlines() if "ERROR" in line or "error" in line.lower()]
+    assert len(errors) == 1 and "failed to load" in errors[0] and str(broken) in errors[0], proc.stderr
+
+
+def test_serve_help_lists_every_setting_with_its_env_var_and_default():
+    from typer.testing import CliRunner
+
+    from cli.main import app
+    from server.settings import ServerSettings
+
+    r = CliRunner().invoke(app, ["serve", "--help"], env={"COLUMNS": "400", "TERMINAL_WIDTH": "400"})
+    assert r.exit_code == 0
+    text = r.output
+    for name in ServerSettings.model_fields:
+        assert f"--{name.replace('_', '-')}" in text
+        assert f"STEERSERVE_{name.upper()}" in text, name
+    assert "[default: 8000]" in text and "[default: 127.0.0.1]" in text and "STEERSERVE_THREADS" in text
+    assert "--no-vllm-enforce-eager" in text
+
+
+def test_serve_options_read_flags_then_env(monkeypatch, tiny_dir, tmp_path):
+    """Flags win over STEERSERVE_* variables, which win over the defaults; JSON settings parse from either; a bad
+    value names its flag."""
+    from typer.testing import CliRunner
+
+    import server.run
+    from cli.main import app
+
+    seen = {}
+
+    class Stub:
+        load_error = None
+
+        def run(self) -> None:
+            pass
+
+    def build(app_, settings, **kwargs):
+        seen["settings"] = settings
+        return Stub()
+
+    monkeypatch.setattr(server.run, "build_server", build)
+    env = {"STEERSERVE_PORT": "1234", "STEERSERVE_MAX_BATCH_SIZE": "5", "STEERSERVE_METRICS_REQUIRE_KEY": "true",
+           "STEERSERVE_VLLM_ENGINE_ARGS": '{"kv_cache_dtype": "fp8"}', "STEERSERVE_VECTOR_DIR": str(tmp_path),
+           "STEERSERVE_THREADS": "1"}
+    r = CliRunner().invoke(app, ["serve", "--model", str(tiny_dir), "--device", "cpu", "--max-batch-size", "3"],
+                           env=env)
+    assert r.exit_code == 0, r.output
+    s = seen["settings"]
+    assert (s.port, s.max_batch_size, s.metrics_require_key) == (1234, 3, True)
+    assert s.vllm_engine_args == {"kv_cache_dtype": "fp8"} and s.max_queue_size == 256
+    seen.clear()
+    bad = CliRunner().invoke(app, ["serve", "--model", str(tiny_dir), "--port", "70000"], env=env)
+    assert bad.exit_code == 2 and "--port" in bad.output and "STEERSERVE_PORT" in bad.output
+    bad = CliRunner().invoke(app, ["serve", "--model", str(tiny_dir), "--dtype", "float7"], env=env)
+    assert bad.exit_code == 2 and "unknown dtype 'float7'" in bad.stderr and "settings" not in seen

@@ -19,11 +19,15 @@ def test_cli_vectors(tiny_dir, tiny_lm, tmp_path):
     data.write_text("\n".join(json.dumps(e.__dict__) for e in EXAMPLES) + "\n")
     vd = ["--vector-dir", str(tmp_path / "vecs")]
     model = ["--model", str(tiny_dir), "--device", "cpu"]
-    r = CliRunner().invoke(app, ["vectors", "build", str(data), "--name", "g", "--param", "k=3", "--param",
-                                 "n_steps=4", "--validation", str(data), "--validation-rows", "0-2",
-                                 "--scales", "0.5,1", "--layers", "1-2", *vd, *model])
+    r = CliRunner().invoke(app, ["--progress-seconds", "0.05", "vectors", "build", str(data), "--name", "g",
+                                 "--param", "k=3", "--param", "n_steps=4", "--validation", str(data),
+                                 "--validation-rows", "0-2", "--scales", "0.5,1", "--layers", "1-2", *vd, *model])
     assert r.exit_code == 0, r.output
     assert "saved g (2 layers)" in r.output
+    # stderr is not a terminal here: plain progress lines with the fraction and an ETA, no bar
+    progress = [line for line in r.stderr.splitlines() if line.startswith("grains (")]
+    assert progress[0].endswith(": started") and "done in" in progress[-1]
+    assert any("% (0." in line and "eta" in line for line in progress), r.stderr
     reg = VectorStore(tmp_path / "vecs", tiny_lm.info.identity())
     reg.load_all()
     v = reg.get("g")
@@ -38,10 +42,16 @@ def test_cli_vectors(tiny_dir, tiny_lm, tmp_path):
     assert CliRunner().invoke(app, ["vectors", "rename", "g2", "g3", *vd]).exit_code == 0
     r = CliRunner().invoke(app, ["vectors", "list", *vd])
     assert r.exit_code == 0 and "g3" in r.output and "g2" not in r.output
+    listed = json.loads(CliRunner().invoke(app, ["vectors", "list", "--json", *vd]).stdout)
+    assert [v["name"] for v in listed["vectors"]] == ["g", "g3"] and listed["vectors"][0]["layers"] == [1, 2]
+    shown = json.loads(CliRunner().invoke(app, ["vectors", "show", "g", "--json", *vd]).stdout)
+    assert shown["name"] == "g" and shown["metadata"]["params"]["n_steps"] == 4
     r = CliRunner().invoke(app, ["vectors", "sweep", "g", str(data), "--scales", "1", "--output",
                                  str(tmp_path / "s.json"), *vd, *model])
     assert r.exit_code == 0, r.output
     assert len(json.loads((tmp_path / "s.json").read_text())["table"]) == 2
+    r = CliRunner().invoke(app, ["vectors", "sweep", "g", str(data), "--scales", "1", "--json", *vd, *model])
+    assert r.exit_code == 0 and len(json.loads(r.stdout)["table"]) == 2
     bad = CliRunner().invoke(app, ["vectors", "build", str(data), "--name", "x", "--method", "zz", *vd, *model])
     assert bad.exit_code == 2 and "valid methods" in bad.output
     assert CliRunner().invoke(app, ["vectors", "delete", "g3", *vd]).exit_code == 0

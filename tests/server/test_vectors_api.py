@@ -9,9 +9,13 @@ import time
 import httpx
 import openai
 import pytest
+import torch
 
 from clients import SteerClient, SteerServeError, steering
 from steering.backends.hf import EngineConfig, HFEngine
+from steering.engine import ModelIdentity
+from steering.store import VectorStore
+from steering.vectors import SteeringVector
 from tests.live import live_server
 
 EXAMPLES = [
@@ -190,3 +194,130 @@ def test_sweep_under_a_fluency_budget_saves_the_setting_that_requests_without_a_
     bad = httpx.post(url + "/v1/steering/vectors/caa-set/sweep",
                      json={**body, "sweep": {**body["sweep"], "fluency": {"budget": 0.5}}})
     assert bad.status_code == 400 and bad.json()["error"]["param"].startswith("sweep")
+
+
+# -- one vector store, whoever writes it: the CLI or another process on the server's directory
+
+
+def _disk_writer(app, tiny_lm):
+    """A second store on the server's directory, as the CLI (``steerserve vectors ...``) or another server
+    process opens it."""
+    return VectorStore(app.state.steerserve.require().store.root, tiny_lm.info.identity())
+
+
+def _values(tiny_lm, seed, layers=(1, 2)):
+    g = torch.Generator().manual_seed(seed)
+    return {layer: torch.randn(tiny_lm.hidden_size, generator=g) for layer in layers}
+
+
+def _listed(url):
+    return httpx.get(url + "/v1/steering/vectors").json()["data"]
+
+
+def test_a_vector_written_by_another_process_is_usable_at_once_and_uploads_do_not_clobber_it(server, tiny_lm):
+    url, app = server
+    store = app.state.steerserve.require().store
+    heard: list[str] = []
+    unsubscribe = store.subscribe(heard.append)  # how the vLLM backend hears of vectors (bank.forget)
+    try:
+        writer = _disk_writer(app, tiny_lm)
+        writer.put("from-disk", SteeringVector(_values(tiny_lm, 1), metadata={"source": "cli"}))
+        chat = {"model": tiny_lm.name, "messages": [{"role": "user", "content": "hello"}], "max_tokens": 6,
+                "temperature": 0}
+        plain = httpx.post(url + "/v1/chat/completions", json=chat)
+        steered = httpx.post(url + "/v1/chat/completions", json={
+            **chat, "steering": {"vectors": [{"name": "from-disk", "scale": 200, "layers": [1]}]}})
+        assert steered.status_code == 200, steered.text
+        assert steered.json()["choices"][0]["message"]["content"] != plain.json()["choices"][0]["message"]["content"]
+        assert heard == ["from-disk"]
+        listed = httpx.get(url + "/v1/steering/vectors").json()
+        assert any(v["name"] == "from-disk" and v["metadata"]["source"] == "cli" for v in listed["data"])
+        # an upload under that name is refused, in the OpenAI envelope; with overwrite it replaces the file
+        body = {"name": "from-disk", "values": {"0": [1.0] * tiny_lm.hidden_size}}
+        r = httpx.post(url + "/v1/steering/vectors", json=body)
+        assert r.status_code == 409, r.text
+        err = r.json()["error"]
+        assert err["type"] == "conflict_error" and err["param"] == "name" and err["code"] == 409
+        assert "already exists" in err["message"] and "overwrite" in err["message"]
+        assert writer.get("from-disk").metadata["source"] == "cli"
+        r = httpx.post(url + "/v1/steering/vectors", json={**body, "overwrite": True})
+        assert r.status_code == 201, r.text
+        assert writer.get("from-disk").layers == [0] and writer.get("from-disk").metadata["source"] == "upload"
+        # a name only another process knows: no silent overwrite either, even though the server never saw it
+        writer.put("unseen", SteeringVector(_values(tiny_lm, 2)))
+        r = httpx.post(url + "/v1/steering/vectors", json={**body, "name": "unseen"})
+        assert r.status_code == 409 and "another process or the CLI" in r.json()["error"]["message"]
+        # replaced on disk: the server reads the new file; deleted on disk: gone (404), listeners told
+        writer.put("from-disk", SteeringVector(_values(tiny_lm, 3, layers=(3,))), overwrite=True)
+        assert httpx.get(url + "/v1/steering/vectors/from-disk").json()["layers"] == [3]
+        (writer.root / "from-disk.safetensors").unlink()
+        assert httpx.get(url + "/v1/steering/vectors/from-disk").status_code == 404
+        gone = httpx.post(url + "/v1/chat/completions", json={
+            **chat, "steering": {"vectors": [{"name": "from-disk", "scale": 2}]}})
+        assert gone.status_code == 404 and gone.json()["error"]["param"] == "steering.vectors[0].name"
+        assert heard.count("from-disk") >= 3 and "from-disk" not in {v["name"] for v in _listed(url)}
+        httpx.delete(url + "/v1/steering/vectors/unseen")
+    finally:
+        unsubscribe()
+
+
+def test_a_vector_for_another_model_on_disk_is_listed_as_refused_and_says_why(server, tiny_lm):
+    url, app = server
+    root = app.state.steerserve.require().store.root
+    other = VectorStore(root, ModelIdentity("another-model", tiny_lm.hidden_size, tiny_lm.num_layers, "llama", 9))
+    other.put("foreign", SteeringVector(_values(tiny_lm, 4)))
+    try:
+        r = httpx.get(url + "/v1/steering/vectors/foreign")
+        assert r.status_code == 404 and "built for another model" in r.json()["error"]["message"]
+        listed = httpx.get(url + "/v1/steering/vectors").json()
+        assert "foreign" not in {v["name"] for v in listed["data"]}
+        refused = {x["name"]: x for x in listed["refused"]}
+        assert refused["foreign"]["file"] == "foreign.safetensors"
+        assert "another-model" in refused["foreign"]["reason"]
+    finally:
+        (root / "foreign.safetensors").unlink()
+
+
+def test_reload_needs_admin_and_reports_what_changed(make_fake, tmp_path):
+    keys = [{"key": "reader", "role": "read"}, {"key": "generator", "role": "generate"},
+            {"key": "root", "role": "admin"}]
+    with live_server(make_fake(), vector_dir=tmp_path / "vectors", api_keys=keys) as (url, app):
+        store = app.state.steerserve.require().store
+        heard: list[str] = []
+        store.subscribe(heard.append)
+        ident = store.model
+        hidden, layers = ident.hidden_size, ident.num_layers
+        writer = VectorStore(store.root, ident)
+        writer.put("kept", SteeringVector({0: torch.ones(hidden)}))
+        writer.put("changed", SteeringVector({0: torch.ones(hidden)}))
+        writer.put("removed", SteeringVector({0: torch.ones(hidden)}))
+        reload = url + "/v1/steering/vectors/reload"
+        assert httpx.post(reload).status_code == 401
+        for key in ("reader", "generator"):
+            r = httpx.post(reload, headers={"Authorization": f"Bearer {key}"})
+            assert r.status_code == 403 and r.json()["error"]["type"] == "permission_error"
+        admin = {"Authorization": "Bearer root"}
+        first = httpx.post(reload, headers=admin)
+        assert first.status_code == 200, first.text
+        body = first.json()
+        assert body["object"] == "steering.vectors.reload"
+        assert (sorted(body["added"]), body["removed"], body["changed"], body["total"]) == (
+            ["changed", "kept", "removed"], [], [], 3)
+        writer.put("changed", SteeringVector({1: torch.ones(hidden)}), overwrite=True)
+        writer.delete("removed")
+        writer.put("added", SteeringVector({0: torch.ones(hidden)}))
+        VectorStore(store.root, ModelIdentity("elsewhere", hidden, layers)).put(
+            "alien", SteeringVector({0: torch.ones(hidden)}))
+        heard.clear()
+        body = httpx.post(reload, headers=admin).json()
+        assert (body["added"], body["removed"], body["changed"], body["total"]) == (
+            ["added"], ["removed"], ["changed"], 3)
+        assert [(x["file"], x["name"]) for x in body["refused"]] == [("alien.safetensors", "alien")]
+        assert "built for another model" in body["refused"][0]["reason"]
+        assert sorted(heard) == ["added", "changed", "removed"]
+        again = httpx.post(reload, headers=admin).json()
+        assert (again["added"], again["removed"], again["changed"]) == ([], [], [])
+        # "reload" is an endpoint, not a vector name
+        r = httpx.post(url + "/v1/steering/vectors", headers=admin,
+                       json={"name": "reload", "values": {"0": [1.0] * hidden}})
+        assert r.status_code == 400 and "reserved" in r.json()["error"]["message"]

@@ -29,12 +29,14 @@ from typing import TypeVar
 
 import torch
 
+from steering.backends.grammar import GrammarCompiler
 from steering.backends.hf.jobs import JobRun
 from steering.backends.hf.kv_cache import SlotKVCache
 from steering.backends.hf.loading import LoadedModel
 from steering.backends.hf.outputs import Sequence
+from steering.backends.hf.prompt_logprobs import prompt_logprobs
 from steering.backends.hf.runner import ModelRunner
-from steering.backends.hf.sampler import sample
+from steering.backends.hf.sampler import RowSampling, sample
 from steering.backends.hf.scheduler import Scheduler
 from steering.engine.base import AnalysisBackend, GenerationBackend
 from steering.engine.handles import JobHandle, RequestHandle
@@ -43,6 +45,7 @@ from steering.engine.types import EngineStats, GenerationRequest, ModelInfo
 from steering.errors import EngineClosedError, RequestFailedError, SteeringOverflowError
 from steering.inputs import Inputs
 from steering.limits import RequestLimits
+from steering.sampling import StructuredOutput
 from steering.store import VectorStore
 
 log = logging.getLogger(__name__)
@@ -91,6 +94,8 @@ class HFEngine(GenerationBackend, AnalysisBackend):
         self.runner = ModelRunner(lm, cache)
         self.scheduler = Scheduler(cfg.max_batch_size, cfg.max_queue_size, cfg.max_jobs,
                                    int(cfg.background_share * cfg.max_batch_size))
+        self.grammars = GrammarCompiler(lm.tokenizer, lm.vocab_size, lm.eos_token_ids)
+        """Structured outputs' grammars, compiled for this model's tokenizer (cached per spec)."""
         self._stop = False
         self._dead: BaseException | None = None
         self._thread = threading.Thread(target=self._run, name="steerserve-engine", daemon=True)
@@ -108,6 +113,11 @@ class HFEngine(GenerationBackend, AnalysisBackend):
         if not self._thread.is_alive():
             self._thread.start()
         return self
+
+    def prepare_structured(self, spec: StructuredOutput) -> None:
+        """Compile ``spec``'s grammar now (it is cached for ``submit``); raise InvalidRequestError
+        (``param="response_format"``) if it is not valid. Blocking: a server calls it off its event loop."""
+        self.grammars.check(spec)
 
     def shutdown(self, timeout: float = 10.0) -> None:
         self._stop = True
@@ -135,9 +145,11 @@ class HFEngine(GenerationBackend, AnalysisBackend):
     def submit(self, request: GenerationRequest, loop: asyncio.AbstractEventLoop | None = None) -> RequestHandle:
         self._check_open()
         resolved = self.check_request(request)
+        spec = request.sampling.structured
+        matcher = self.grammars.matcher(spec) if spec is not None else None
         apps = self.runner.device_steering(resolved.applications) if resolved is not None else []
         handle = RequestHandle(request, loop, on_cancel=self.scheduler.wake, steering=resolved)
-        seq = Sequence(request, handle, apps, self.lm.tokenizer, self.lm.eos_token_ids, self.lm.device)
+        seq = Sequence(request, handle, apps, self.lm.tokenizer, self.lm.eos_token_ids, self.lm.device, matcher)
         self.scheduler.add_request(seq)
         return handle
 
@@ -201,7 +213,8 @@ class HFEngine(GenerationBackend, AnalysisBackend):
             s.requeue_job(job)
 
     def _whole(self, seqs: Seq[Sequence], prefill: bool) -> torch.Tensor:
-        """Forward whole sequences (prefill, or a cache-free step); return last-position logits [n, vocab]."""
+        """Forward whole sequences (prefill, or a cache-free step); return last-position logits [n, vocab].
+        Rows that ask for prompt log-probabilities get them here, from the same (steered) forward."""
         dev = self.lm.device
         n, length = len(seqs), max(s.length for s in seqs)
         ids = torch.full((n, length), self.lm.pad_id, dtype=torch.long)
@@ -212,8 +225,14 @@ class HFEngine(GenerationBackend, AnalysisBackend):
             input_ids=ids.to(dev), positions=pos, prompt_lens=torch.tensor([s.prompt_len for s in seqs], device=dev),
             keep=self.runner.causal(pos, length), steering=[s.apps for s in seqs], kv="prefill" if prefill else None,
             slot_start=len(self.scheduler.running))
+        hidden = out.last_hidden_state
+        for i, s in enumerate(seqs):
+            if s.wants_prompt_logprobs:
+                assert s.params.prompt_logprobs is not None
+                s.prompt_logprobs = prompt_logprobs(self.lm, hidden[i], s.req.prompt_token_ids,
+                                                    s.params.prompt_logprobs)
         last = torch.tensor([s.length - 1 for s in seqs], device=dev)
-        return self.lm.logits(out.last_hidden_state[torch.arange(n, device=dev), last])
+        return self.lm.logits(hidden[torch.arange(n, device=dev), last])
 
     def _prefill(self) -> None:
         s = self.scheduler
@@ -306,7 +325,14 @@ class HFEngine(GenerationBackend, AnalysisBackend):
                     done.append(row)
             keep = [i for i, ok in enumerate(finite) if ok]
             rows, seqs, logits = [rows[i] for i in keep], [seqs[i] for i in keep], logits[keep]
-        results = sample(logits, [s.sampling() for s in seqs]) if seqs else []
+        scoring = [i for i, s in enumerate(seqs) if s.params.max_tokens == 0]
+        if scoring:  # prompt scoring only: prefilled, nothing to generate
+            for i in scoring:
+                seqs[i].finish("length")
+                done.append(rows[i])
+            keep = [i for i in range(len(seqs)) if seqs[i].params.max_tokens]
+            rows, seqs, logits = [rows[i] for i in keep], [seqs[i] for i in keep], logits[keep]
+        results = sample(logits, self._row_sampling(seqs, logits)) if seqs else []
         now = time.monotonic()
         for row, seq, res in zip(rows, seqs, results, strict=True):
             if isinstance(res, Exception):
@@ -319,3 +345,18 @@ class HFEngine(GenerationBackend, AnalysisBackend):
                 done.append(row)
         self._remove_rows(done)
 
+
+    def _row_sampling(self, seqs: Seq[Sequence], logits: torch.Tensor) -> list[RowSampling]:
+        """Each row's sampling state, with the masks of structured rows' grammars (filled together)."""
+        rows = [s.sampling() for s in seqs]
+        constrained = [i for i, s in enumerate(seqs) if s.matcher is not None]
+        if constrained:
+            vocab = logits.shape[-1]
+            try:
+                masks = self.grammars.allowed([seqs[i].matcher for i in constrained], vocab, logits.device)
+            except Exception:  # noqa: BLE001 - llguidance misused: those rows fail (nothing allowed), not the step
+                log.exception("computing the grammar masks failed")
+                masks = torch.zeros(len(constrained), vocab, dtype=torch.bool, device=logits.device)
+            for k, i in enumerate(constrained):
+                rows[i].allowed = masks[k]
+        return rows

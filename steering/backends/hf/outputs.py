@@ -15,6 +15,7 @@ from steering.backends.hf.hooks import DeviceApplication
 from steering.backends.hf.sampler import RowSampling, make_generator
 from steering.engine.handles import RequestHandle
 from steering.engine.types import GenerationRequest, RequestMetrics, RequestOutput
+from steering.errors import RequestFailedError
 from steering.sampling import TokenLogprob
 
 _uids = itertools.count()
@@ -24,10 +25,11 @@ class Sequence:
     """One request in the engine: its tokens so far, sampling state, steering and timing."""
 
     __slots__ = ("uid", "req", "handle", "params", "tokens", "prompt_len", "generated", "detok", "generator",
-                 "apps", "metrics", "banned_until_min", "eos_ids", "finish_reason", "stop_reason")
+                 "apps", "metrics", "banned_until_min", "eos_ids", "finish_reason", "stop_reason", "matcher",
+                 "grammar_eos", "prompt_logprobs", "_first_sent")
 
     def __init__(self, req: GenerationRequest, handle: RequestHandle, apps: list[DeviceApplication],
-                 tokenizer: Any, eos_ids: set[int], device: torch.device) -> None:
+                 tokenizer: Any, eos_ids: set[int], device: torch.device, matcher: Any = None) -> None:
         p = req.sampling
         self.uid = next(_uids)  # unique for the engine's lifetime (id() values are reused)
         self.req = req
@@ -46,6 +48,17 @@ class Sequence:
         self.banned_until_min = sorted(self.eos_ids | set(p.stop_token_ids)) if p.min_tokens > 0 else []
         self.finish_reason: str | None = None
         self.stop_reason: str | int | None = None
+        self.matcher = matcher
+        """The structured output's ``llguidance.LLMatcher`` (None: unconstrained), advanced by each token."""
+        self.grammar_eos = frozenset(eos_ids)
+        self.prompt_logprobs: list[TokenLogprob | None] | None = None
+        """Set by the engine's prefill when the request asks for them; sent with the first output."""
+        self._first_sent = False
+
+    @property
+    def wants_prompt_logprobs(self) -> bool:
+        """The request asks for prompt log-probabilities and they are not computed yet."""
+        return self.params.prompt_logprobs is not None and self.prompt_logprobs is None
 
     @property
     def length(self) -> int:
@@ -53,7 +66,14 @@ class Sequence:
 
     def sampling(self) -> RowSampling:
         banned = self.banned_until_min if len(self.generated) < self.params.min_tokens else []
-        return RowSampling(self.params, self.generated, self.generator, banned)
+        return RowSampling(self.params, self.generated, self.generator, banned, self.req.prompt_token_ids)
+
+    def _first(self) -> list[TokenLogprob | None] | None:
+        """The prompt log-probabilities, for the first output only."""
+        if self._first_sent:
+            return None
+        self._first_sent = True
+        return self.prompt_logprobs
 
     def append(self, tok: int, lp: TokenLogprob | None, now: float, max_model_len: int) -> None:
         """Take a sampled token: check stops and limits, and emit the delta."""
@@ -66,14 +86,25 @@ class Sequence:
         m.last_token_time = now
         p = self.params
         past_min = n_gen >= p.min_tokens
+        complete = False
+        if self.matcher is not None:
+            if not self.matcher.consume_token(tok):
+                self.finish("error", error=RequestFailedError(
+                    f"the structured output's grammar refused token {tok}: {self.matcher.get_error()}"))
+                return
+            complete = self.matcher.is_stopped()
         if tok in self.eos_ids and past_min:
             self.finish_reason = "stop"
         elif tok in p.stop_token_ids and past_min:
             self.finish_reason, self.stop_reason = "stop", tok
+        elif complete and tok in self.grammar_eos:  # the grammar's end: EOS, even with ignore_eos
+            self.finish_reason = "stop"
         else:
             self.detok.add(tok, check_stop=past_min)
             if self.detok.stopped_by is not None:
                 self.finish_reason, self.stop_reason = "stop", self.detok.stopped_by
+            elif complete:  # the grammar allows nothing more
+                self.finish_reason = "stop"
             elif n_gen >= p.max_tokens or self.length >= max_model_len:
                 self.finish_reason = "length"
         finished = self.finish_reason is not None
@@ -84,6 +115,7 @@ class Sequence:
             logprobs=[lp] if lp is not None else [], num_prompt_tokens=self.prompt_len,
             num_generated_tokens=n_gen, finished=finished, finish_reason=self.finish_reason,
             stop_reason=self.stop_reason, metrics=m if finished else None, time=now,
+            prompt_logprobs=self._first(),
         ))
 
     def finish(self, reason: str, error: Exception | None = None) -> None:
@@ -93,5 +125,5 @@ class Sequence:
         self.handle.deliver(RequestOutput(
             request_id=self.req.request_id, token_ids=[], text=self.detok.take(final=True), logprobs=[],
             num_prompt_tokens=self.prompt_len, num_generated_tokens=len(self.generated), finished=True,
-            finish_reason=reason, error=error, metrics=self.metrics, time=now,
+            finish_reason=reason, error=error, metrics=self.metrics, time=now, prompt_logprobs=self._first(),
         ))

@@ -36,6 +36,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, TypeVar
 
+from steering.backends.grammar import GrammarCompiler
 from steering.backends.vllm import CONFIG_KEY, SUPPORTED_VLLM, wire
 from steering.backends.vllm.seams import SeamError, check_architecture
 from steering.backends.vllm.worker import QUALNAME
@@ -52,7 +53,7 @@ from steering.errors import (
 )
 from steering.inputs import Inputs
 from steering.limits import RequestLimits
-from steering.sampling import SamplingParams, TokenLogprob
+from steering.sampling import SamplingParams, StructuredOutput, TokenLogprob
 from steering.spec import ResolvedApplication, ResolvedSteering
 
 log = logging.getLogger("steerserve.vllm")
@@ -251,6 +252,9 @@ class VLLMBackend(GenerationBackend):
             num_layers=int(text.num_hidden_layers), max_model_len=self.max_model_len,
             vocab_size=int(text.vocab_size), source=str(model_dir), device=self.device, dtype=self.dtype)
         self._inputs = Inputs(tokenizer)
+        self.grammars = GrammarCompiler(tokenizer, self._info.vocab_size, [tokenizer.eos_token_id]
+                                        if tokenizer.eos_token_id is not None else [])
+        """Checks structured outputs before they reach vLLM (which compiles them with the same library)."""
         self.dense = cfg.dense_op if cfg.dense_op is not None else (self.device != "cpu" and not cfg.enforce_eager)
         self.bank = VectorBank(max(1, int(cfg.bank_mib * 2**20) // (4 * self._info.hidden_size)))
         self._lock = threading.Lock()
@@ -337,6 +341,8 @@ class VLLMBackend(GenerationBackend):
             additional_config={CONFIG_KEY: {"dense": self.dense, "bank_mib": cfg.bank_mib,
                                             "max_applications": cfg.max_vectors_per_request}},
         )
+        # llguidance (as :meth:`prepare_structured` checks), compact JSON (as the HF backend; an engine-wide setting)
+        args["structured_outputs_config"] = {"backend": "guidance", "disable_any_whitespace": True}
         if cfg.max_num_batched_tokens is not None:
             args["max_num_batched_tokens"] = cfg.max_num_batched_tokens
         if cfg.block_size is not None:
@@ -356,6 +362,10 @@ class VLLMBackend(GenerationBackend):
         from vllm.v1.engine.async_llm import AsyncLLM
 
         args = AsyncEngineArgs(**self.engine_args())
+        if isinstance(args.structured_outputs_config, dict):
+            from vllm.config import StructuredOutputsConfig
+
+            args.structured_outputs_config = StructuredOutputsConfig(**args.structured_outputs_config)
         try:
             engine = AsyncLLM.from_engine_args(args, stat_loggers=[self._counts.logger])
         except Exception as exc:
@@ -468,10 +478,17 @@ class VLLMBackend(GenerationBackend):
         self._loop = self._thread = None
 
     # -- requests
+    def prepare_structured(self, spec: StructuredOutput) -> None:
+        """Check ``spec``'s grammar now (cached for ``submit``); raise InvalidRequestError
+        (``param="response_format"``) if it is not valid. Blocking: a server calls it off its event loop."""
+        self.grammars.check(spec)
+
     def check_vllm_request(self, request: GenerationRequest) -> ResolvedSteering | None:
         """The contract's checks, and what this backend cannot honour."""
         resolved = self.check_request(request)
         sp = request.sampling
+        if sp.structured is not None:
+            self.grammars.check(sp.structured)
         if sp.logits_processors:
             raise InvalidRequestError("the vllm backend runs no per-request logits processors",
                                       param="logits_processors")
@@ -531,10 +548,37 @@ class VLLMBackend(GenerationBackend):
         return VSamplingParams(
             n=1, temperature=0.0 if sp.greedy else sp.temperature, top_p=sp.top_p,
             top_k=0 if sp.top_k in (0, -1) or sp.greedy else sp.top_k, seed=sp.seed, stop=list(sp.stop) or None,
-            stop_token_ids=list(sp.stop_token_ids) or None, ignore_eos=sp.ignore_eos, max_tokens=sp.max_tokens,
+            stop_token_ids=list(sp.stop_token_ids) or None, ignore_eos=sp.ignore_eos,
+            max_tokens=max(sp.max_tokens, 1),  # vLLM generates at least one: a scoring request drops it
             min_tokens=sp.min_tokens, logprobs=want if steering is None else max(want or 0, 0),
             skip_special_tokens=sp.skip_special_tokens, include_stop_str_in_output=sp.include_stop_str_in_output,
+            frequency_penalty=sp.frequency_penalty, presence_penalty=sp.presence_penalty,
+            repetition_penalty=sp.repetition_penalty, logit_bias=dict(sp.logit_bias) or None,
+            structured_outputs=self._structured(sp.structured), prompt_logprobs=sp.prompt_logprobs,
             output_kind=RequestOutputKind.DELTA, extra_args={wire.KEY: steering} if steering is not None else None)
+
+    @staticmethod
+    def _structured(spec: StructuredOutput | None) -> Any:
+        """vLLM's ``StructuredOutputsParams`` for ``spec`` (compact JSON, as the Hugging Face backend's)."""
+        if spec is None:
+            return None
+        from vllm.sampling_params import StructuredOutputsParams
+
+        kind = spec.kind()
+        value: Any = {"json_schema": spec.json_schema, "json_object": True, "regex": spec.regex,
+                      "choice": list(spec.choice or ()), "grammar": spec.grammar}[kind]
+        name = {"json_schema": "json"}.get(kind, kind)
+        return StructuredOutputsParams(**{name: value})
+
+    @staticmethod
+    def _prompt_logprobs(prompt: Sequence[int], raw: Any, top: int) -> list[TokenLogprob | None] | None:
+        """vLLM's prompt logprobs (None, then a {token id: Logprob} per position) as ours."""
+        if raw is None:
+            return None
+        out: list[TokenLogprob | None] = [None]
+        for tok, entry in zip(prompt[1:], list(raw)[1:], strict=False):
+            out.extend(VLLMBackend._logprobs([tok], [entry], top) if entry else [None])
+        return out
 
     @staticmethod
     def cache_salt(entry: dict[str, Any], prompt_len: int) -> str:
@@ -606,6 +650,9 @@ class VLLMBackend(GenerationBackend):
         generated = 0
         steered = bool(apps)
         user_logprobs = request.sampling.logprobs
+        scoring = request.sampling.max_tokens == 0  # prompt logprobs only: vLLM's one token is dropped
+        prompt_lps: list[TokenLogprob | None] | None = None
+        first = True
 
         released = False
 
@@ -637,6 +684,9 @@ class VLLMBackend(GenerationBackend):
                 now = time.monotonic()
                 done = out.finished
                 c = out.outputs[0] if out.outputs else None
+                if prompt_lps is None:
+                    prompt_lps = self._prompt_logprobs(request.prompt_token_ids, getattr(out, "prompt_logprobs", None),
+                                                       request.sampling.prompt_logprobs or 0)
                 ids = list(c.token_ids) if c is not None else []
                 lps = self._logprobs(ids, c.logprobs if c is not None else None, request.sampling.top_logprobs)
                 if steered and any(not math.isfinite(lp.logprob) for lp in lps):
@@ -644,6 +694,14 @@ class VLLMBackend(GenerationBackend):
                     final("error", SteeringOverflowError(
                         "the steering drove this request's hidden states to Inf/NaN; use a smaller scale",
                         param="steering"))
+                    return
+                if scoring:
+                    if not done:
+                        await self._engine.abort(rid)
+                    metrics.finished_time = now
+                    emit(RequestOutput(rid, [], "", [], n_prompt, 0, finished=True, finish_reason="length",
+                                       metrics=metrics, time=now, prompt_logprobs=prompt_lps,
+                                       num_cached_tokens=getattr(out, "num_cached_tokens", None)))
                     return
                 if ids:
                     if metrics.first_token_time is None:
@@ -658,7 +716,9 @@ class VLLMBackend(GenerationBackend):
                     rid, ids, c.text if c is not None else "", lps if user_logprobs else [], n_prompt, generated,
                     finished=done, finish_reason=(c.finish_reason if c is not None else None) if done else None,
                     stop_reason=c.stop_reason if c is not None and done else None,
-                    metrics=metrics, time=now, num_cached_tokens=getattr(out, "num_cached_tokens", None)))
+                    metrics=metrics, time=now, num_cached_tokens=getattr(out, "num_cached_tokens", None),
+                    prompt_logprobs=prompt_lps if first else None))
+                first = False
                 if done:
                     return
             final("abort")

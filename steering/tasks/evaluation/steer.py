@@ -40,8 +40,9 @@ class SteerEvalRequest:
     """Steered conditions; the unsteered baseline is added first."""
     scorer: str | None = "sentiment"
     scorer_params: dict | None = None
-    chat: bool = True
-    """Prompts as user messages in the chat template (else raw text)."""
+    chat: bool = False
+    """Prompts as user messages in the chat template (default: raw text, as TruthfulQA's prompts, the CLI and
+    completions take them)."""
     system_prompt: str | None = None
     max_tokens: int = 48
     temperature: float = 0.0
