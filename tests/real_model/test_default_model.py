@@ -85,6 +85,46 @@ def test_openai_sdk_against_default_model(real_lm, tmp_path):
         assert text and text != r.choices[0].message.content
 
 
+def test_structured_tools_and_echo_on_default_model(real_lm, tmp_path):
+    """The default model (its 49152-token vocabulary through llguidance, its tool-less chat template through the
+    Hermes preamble): a json_schema answer parses and validates, a required tool call names the tool with valid
+    arguments, and echo's prompt logprobs equal a direct forward's."""
+    import json
+
+    import openai
+
+    from tests.live import live_server
+
+    msgs = [{"role": "user", "content": "What is the capital of France? Answer in JSON."}]
+    schema = {"type": "object", "properties": {"city": {"type": "string", "maxLength": 40},
+                                               "country": {"type": "string", "maxLength": 40}},
+              "required": ["city", "country"], "additionalProperties": False}
+    weather = {"type": "function", "function": {"name": "get_weather", "description": "Current weather in a city",
+                                                "parameters": {"type": "object", "properties": {
+                                                    "city": {"type": "string", "maxLength": 40}},
+                                                    "required": ["city"]}}}
+    with HFEngine(real_lm).start() as engine, live_server(engine, vector_dir=tmp_path) as (url, _):
+        client = openai.OpenAI(base_url=url + "/v1", api_key="x", max_retries=0)
+        r = client.chat.completions.create(
+            model="SmolLM2-135M-Instruct", messages=msgs, max_tokens=60, temperature=0,
+            response_format={"type": "json_schema", "json_schema": {"name": "capital", "schema": schema}})
+        answer = json.loads(r.choices[0].message.content)
+        assert set(answer) == {"city", "country"} and "Paris" in answer["city"]
+        call = client.chat.completions.create(
+            model="SmolLM2-135M-Instruct", messages=[{"role": "user", "content": "What's the weather in Rome?"}],
+            max_tokens=60, temperature=0, tools=[weather], tool_choice="required").choices[0]
+        assert call.finish_reason == "tool_calls"
+        assert call.message.tool_calls[0].function.name == "get_weather"
+        assert "city" in json.loads(call.message.tool_calls[0].function.arguments)
+        ids = real_lm.inputs.encode_text("The capital of France is Paris")
+        echo = client.completions.create(model="SmolLM2-135M-Instruct", prompt=ids, max_tokens=0, echo=True,
+                                         logprobs=1).choices[0].logprobs.token_logprobs
+        with torch.no_grad():
+            lp = torch.log_softmax(real_lm.model(torch.tensor([ids])).logits[0].float(), -1)
+        want = [float(lp[i - 1, ids[i]]) for i in range(1, len(ids))]
+        assert echo[0] is None and echo[1:] == pytest.approx(want, abs=1e-3)
+
+
 def test_attribution_on_default_model(real_lm, tmp_path):
     """Over HTTP on the default model: the answer 'Paris' is driven by 'France' (occlusion), IG's completeness
     report is present, and the per-token matrix of the model's own answer has a row per generated token."""
@@ -178,7 +218,8 @@ def test_sentiment_vector_shifts_vader_on_neutral_prompts(real_lm):
     prompts = (docs / "neutral_prompts.txt").read_text().splitlines()[:6]
     cond = Condition("s", SteeringSpec(relative_applications(vec, 0.25, [10])))
     with HFEngine(real_lm).start() as engine:
-        rep = start_steer(engine, prepare_steer(real_lm, SteerEvalRequest(prompts, [cond], max_tokens=32))).result()
+        req = SteerEvalRequest(prompts, [cond], max_tokens=32, chat=True)  # as in docs/experiments.md
+        rep = start_steer(engine, prepare_steer(real_lm, req)).result()
     steered = rep.as_dict()["conditions"][1]
     assert steered["versus_baseline"]["score"]["diff"] > 0.1, rep.markdown()
     assert steered["versus_baseline"]["perplexity"]["ratio"] < 2.0, rep.markdown()
