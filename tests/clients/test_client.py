@@ -235,8 +235,9 @@ def test_evaluation_and_build_jobs_with_progress(server, tiny_lm, tmp_path):
             aseen.append(j)
 
         async with AsyncSteerClient(url) as ac:
-            ajob = await ac.evaluate_steering(["The day was"], conditions=conditions, max_tokens=3, chat=False,
-                                              samples=1)
+            # big enough to be seen running between 5 ms polls on a loaded machine
+            ajob = await ac.evaluate_steering(["The day was"] * 16, conditions=conditions, max_tokens=24,
+                                              chat=False, samples=1)
             return await ac.wait(ajob["id"], poll=0.005, timeout=120, on_progress=note), aseen
 
     adone, aseen = asyncio.run(main())
