@@ -3,7 +3,8 @@
 Prints, measured in one run (each side in its own process, one engine at a time, same engine arguments):
   (a) our vLLM backend, nothing steered  /  stock vLLM                  16 requests x 128 tokens (target >= 0.98),
       split into the workers' share (our plugin armed under stock vLLM's frontend) and our frontend's
-  (b) steered / unsteered, each of the 16 requests with its own vector on all layers, normalize on (>= 0.97)
+  (b) steered / unsteered, each of the 16 requests with its own vector on all layers, normalize on (>= 0.97),
+      in interleaved pairs, with the workers' own steering cost (host time in the op and the per-step fill)
   (c) our vLLM backend / our HF backend, unsteered, same load
   (d) throughput with 1, 16 and 64 distinct vectors among 64 concurrent requests, as a ratio to 1 (flat, >= 0.95)
 Figures are medians over --repeats runs of the same load. Run on an otherwise idle machine.
@@ -37,6 +38,8 @@ STOCK_PLUGINS = "lora_filesystem_resolver,lora_hf_hub_resolver"
 """vLLM's own general plugins: naming them (and not ours) keeps the stock engine stock."""
 WIDE = 64
 """Concurrent requests of the distinct-vectors measurement (d)."""
+PAIRS = 5
+"""At least this many interleaved (unsteered, steered) runs for (b): this box's run-to-run noise is +-8%."""
 
 
 def prompts(inputs: Any, n: int) -> list[list[int]]:
@@ -95,9 +98,17 @@ def side_ours(args: argparse.Namespace) -> dict[str, Any]:
         run_handles(backend, ids, 8, specs(own, args.requests))  # registers the 16 vectors' rows
         out: dict[str, Any] = {"unsteered": [], "steered": [], "distinct": {1: [], 16: [], 64: []},
                                "dense_op": backend.dense, "layers": info.num_layers}
-        for _ in range(args.repeats):
+        before = backend.worker_stats_sync()[0]
+        steered_wall = 0.0
+        for _ in range(max(args.repeats, PAIRS)):  # (b): unsteered and steered runs interleaved, in pairs
             out["unsteered"].append(run_handles(backend, ids, args.tokens, None))
+            t0 = time.perf_counter()
             out["steered"].append(run_handles(backend, ids, args.tokens, specs(own, args.requests)))
+            steered_wall += time.perf_counter() - t0
+        after = backend.worker_stats_sync()[0]
+        # the workers' own steering cost: host time in the op and in the per-step fill, during all runs of (b)
+        out["steering_seconds"] = {k: after[k] - before[k] for k in ("op_seconds", "fill_seconds")}
+        out["steered_wall"] = steered_wall
         for k in (1, 16, 64):
             run_handles(backend, wide, 4, specs(own[:k], WIDE))  # register, then measure
             for _ in range(args.repeats):
@@ -219,7 +230,13 @@ def main() -> None:
     print(f"  (a) ours unsteered / stock vLLM      {u / s:.3f}   (target >= 0.98)")
     print(f"      of which the workers (plugin armed, stock frontend / stock) {a / s:.3f}, "
           f"our frontend (ours / armed) {u / a:.3f}")
-    print(f"  (b) steered / unsteered              {st / u:.3f}   (target >= 0.97)")
+    pairs = [b / a for a, b in zip(ours["unsteered"], ours["steered"])]
+    cost = ours["steering_seconds"]
+    print(f"  (b) steered / unsteered              {st / u:.3f}   (target >= 0.97); median of the "
+          f"{len(pairs)} interleaved pairs {median(pairs):.3f} {[round(x, 3) for x in pairs]}")
+    print(f"      the workers' steering cost in those runs: op {cost['op_seconds']:.2f} s + fill "
+          f"{cost['fill_seconds']:.2f} s = {sum(cost.values()) / ours['steered_wall']:.1%} of the steered runs' "
+          f"wall time (fill runs in every step, steered or not)")
     print(f"  (c) vLLM backend / HF backend        {u / h:.3f}")
     print(f"  (d) {WIDE} requests: " + ", ".join(f"{k} distinct {v:.1f} tok/s" for k, v in d.items())
           + "; ratios to 1: " + ", ".join(f"{k}: {v / d[1]:.3f}" for k, v in d.items()) + "   (target >= 0.95)")

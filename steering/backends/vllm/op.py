@@ -11,8 +11,11 @@ the next fused add sees h'. Tokens with nothing active keep their exact bits.
 
 Two implementations of the same arithmetic (fp32, h rounded to the model dtype first, as the HF hooks see it):
 
-* sparse: gathers the step's steered tokens (host counts from the fill say how many, and which layers act) and
-  skips layers and steps with nothing to do. For CPU and eager GPU runs.
+* sparse: works on the step's steered tokens only (host counts from the fill say how many, and which layers act)
+  and skips layers and steps with nothing to do. At a step's first steered layer it plans every layer (which
+  tokens each acts on, and for small steps their summed deltas), with one host sync; decode steps reuse the plan
+  while the batch and the acting applications stay the same, and when every token is steered it works in place
+  (a decode step costs about 8 small ops per layer). For CPU and eager GPU runs.
 * dense: computes every token of the step with masks and reads no host state, so it can be captured in a CUDA
   graph and replayed with new buffers; unsteered tokens are selected back unchanged.
 
@@ -22,25 +25,21 @@ Dynamo and Inductor keep it opaque and it reads the live buffers at run time.
 
 from __future__ import annotations
 
+import time
+from dataclasses import dataclass
+
 import torch
 
 from steering.backends.vllm.state import SteerState, get_state
 
 OP_NAME = "steer"
+_TINY = torch.finfo(torch.float32).tiny
 _LIB = None
 
 
 def _active(st: SteerState, slot: torch.Tensor, rows: torch.Tensor, pos: torch.Tensor) -> torch.Tensor:
     """[M, K]: which applications act on each token (slot [M], rows [M, K], absolute positions [M])."""
-    mode = st.entry_mode[slot]
-    p = pos.unsqueeze(1)
-    plen = st.slot_plen[slot].unsqueeze(1)
-    pc = pos.clamp(0, st.P - 1)
-    k = torch.arange(st.K, device=pos.device).unsqueeze(0)
-    byte = st.pos_bits[slot.unsqueeze(1), k, (pc >> 3).unsqueeze(1)]
-    explicit = ((byte >> (pc & 7).to(torch.uint8).unsqueeze(1)) & 1).bool() & (p < st.P)
-    return (rows > 0) & ((mode == 0) | ((mode == 1) & (p < plen)) | ((mode == 2) & (p >= plen))
-                         | ((mode == 3) & explicit))
+    return (rows > 0) & _acting(st, slot, pos, st.K)
 
 
 def _steered(st: SteerState, h: torch.Tensor, slot: torch.Tensor, rows: torch.Tensor,
@@ -67,21 +66,48 @@ def steer_impl(hidden: torch.Tensor, residual: torch.Tensor, positions: torch.Te
     if st is None:
         return
     if st.dense:
+        t0 = time.perf_counter()
         _steer_dense(st, hidden, residual, positions, layer)
+        st.op_seconds += time.perf_counter() - t0
     elif not st.suspended and st.num_steered and st.layer_active[layer]:
+        t0 = time.perf_counter()
         _steer_sparse(st, hidden, residual, positions, layer)
+        st.op_seconds += time.perf_counter() - t0
 
 
-def _step_tokens(st: SteerState, positions: torch.Tensor) -> tuple[torch.Tensor, ...]:
-    """What every layer of this step shares: the steered tokens, their slots, the position rules and the gates of
-    the applications in use (``k_used`` of them), computed at the step's first steered layer."""
-    cached = st.step_cache
-    if cached is not None and cached[0] == st.step:
-        return cached[1]
-    K = st.k_used
-    idx = st.tok_idx[: st.num_steered]
-    slot = st.tok_slot[idx]
-    pos = positions[idx].to(torch.int64)
+_PRECOMPUTE_ELEMENTS = 1 << 21
+"""Steps with at most this many (steered tokens x layers x hidden) elements get every layer's deltas at once (8 MiB
+in fp32): decode steps. Larger ones (prefill chunks) compute each layer's deltas in its own call."""
+
+
+@dataclass
+class _StepPlan:
+    """What every layer of a step shares. Built at the step's first steered layer, and reused by the next steps
+    while the batch is the same (same slots, same tokens per request) and the same applications act: decode."""
+
+    n_tokens: int
+    idx: torch.Tensor  # [M] the steered tokens
+    whole: bool  # the step's tokens are exactly the steered ones, in order: no gather or scatter
+    rows: torch.Tensor  # [L, M, K] bank rows of the applications in use
+    gate_n: torch.Tensor  # [L, M, K] scale where a normalising application acts, else 0
+    gate_r: torch.Tensor  # [L, M, K] the same for the others
+    acts: torch.Tensor  # [L, M] some application acts on the token at the layer
+    has_norm: torch.Tensor  # [L, M, 1] a normalising one does
+    counts: list[tuple[int, int, int]]  # per layer: tokens acted on, with a normalising application, with another
+    n_delta: torch.Tensor | None = None  # [L, M, H] the summed deltas, for small steps
+    r_delta: torch.Tensor | None = None
+
+
+def _deltas(st: SteerState, rows: torch.Tensor, gates: torch.Tensor) -> torch.Tensor:
+    """sum_k gates[..., k] * bank[rows[..., k]], accumulated in the order of k (the HF hooks' sums)."""
+    out = torch.zeros(*rows.shape[:-1], st.H, dtype=torch.float32, device=rows.device)
+    for k in range(rows.shape[-1]):
+        out.addcmul_(gates[..., k:k + 1], st.bank[rows[..., k]])
+    return out
+
+
+def _acting(st: SteerState, slot: torch.Tensor, pos: torch.Tensor, K: int) -> torch.Tensor:
+    """[M, K]: whether application k of each token's request acts at the token's absolute position."""
     mode = st.entry_mode[slot, :K]
     p = pos.unsqueeze(1)
     plen = st.slot_plen[slot].unsqueeze(1)
@@ -89,47 +115,96 @@ def _step_tokens(st: SteerState, positions: torch.Tensor) -> tuple[torch.Tensor,
     k = torch.arange(K, device=pos.device).unsqueeze(0)
     byte = st.pos_bits[slot.unsqueeze(1), k, (pc >> 3).unsqueeze(1)]
     explicit = ((byte >> (pc & 7).to(torch.uint8).unsqueeze(1)) & 1).bool() & (p < st.P)
-    base = (mode == 0) | ((mode == 1) & (p < plen)) | ((mode == 2) & (p >= plen)) | ((mode == 3) & explicit)
+    return (mode == 0) | ((mode == 1) & (p < plen)) | ((mode == 2) & (p >= plen)) | ((mode == 3) & explicit)
+
+
+def _build_plan(st: SteerState, idx: torch.Tensor, slot: torch.Tensor, base: torch.Tensor,
+                n_tokens: int) -> _StepPlan:
+    K, M = base.shape[1], idx.shape[0]
     norm = st.entry_norm[slot, :K]
     gate = base.to(torch.float32) * st.entry_scale[slot, :K]
-    out = (idx, slot, base, gate * norm, gate * ~norm, base & norm)
-    st.step_cache = (st.step, out)
-    return out
+    rows = st.entry_row[slot, :, :K].transpose(0, 1)  # [L, M, K]
+    on = (rows > 0) & base.unsqueeze(0)
+    acts = on.any(dim=2)
+    has_norm = (on & norm.unsqueeze(0)).any(dim=2)
+    has_raw = (on & ~norm.unsqueeze(0)).any(dim=2)
+    counts = [tuple(c) for c in torch.stack([acts.sum(1), has_norm.sum(1), has_raw.sum(1)], 1).tolist()]
+    plan = _StepPlan(n_tokens, idx, st.all_steered and n_tokens == M, rows, (gate * norm).unsqueeze(0) * on,
+                     (gate * ~norm).unsqueeze(0) * on, acts, has_norm.unsqueeze(2), counts)
+    if M * st.L * st.H <= _PRECOMPUTE_ELEMENTS:
+        plan.n_delta = _deltas(st, rows, plan.gate_n) if st.any_norm else None
+        plan.r_delta = _deltas(st, rows, plan.gate_r) if st.any_raw else None
+    return plan
+
+
+def _step_plan(st: SteerState, positions: torch.Tensor, n_tokens: int) -> _StepPlan:
+    cached = st.step_cache
+    if cached is not None and cached[0] == st.step:
+        return cached[1]
+    idx = st.tok_idx[: st.num_steered]
+    slot = st.tok_slot[idx]
+    base = _acting(st, slot, positions[idx].to(torch.int64), st.k_used)
+    prev = st.plan_cache
+    if prev is not None and prev[0] == st.step_key and prev[2].n_tokens == n_tokens and torch.equal(prev[1], base):
+        plan = prev[2]
+    else:
+        plan = _build_plan(st, idx, slot, base, n_tokens)
+        st.plan_cache = (st.step_key, base, plan)
+    st.step_cache = (st.step, plan)
+    return plan
 
 
 def _steer_sparse(st: SteerState, hidden: torch.Tensor, residual: torch.Tensor, positions: torch.Tensor,
                   layer: int) -> None:
-    idx, slot, base, gate_n, gate_r, base_norm = _step_tokens(st, positions)
-    rows = st.entry_row[slot, layer, : st.k_used]
-    on = rows > 0
-    any_tok = (base & on).any(dim=1)
-    count = int(any_tok.sum())
-    if count == 0:
+    """The arithmetic of :func:`_steered` (and of the HF hooks) on the tokens acted on at this layer only: in
+    place when every token of the step is steered (fp32), else gathered and scattered back."""
+    plan = _step_plan(st, positions, hidden.shape[0])
+    n_act, n_norm, n_raw = plan.counts[layer]
+    if n_act == 0:
         return
-    if count < any_tok.shape[0]:  # some steered tokens have nothing active at this layer: leave their bits
-        sel = any_tok.nonzero().squeeze(1)
-        idx, rows, on, gate_n, gate_r, base_norm = idx[sel], rows[sel], on[sel], gate_n[sel], gate_r[sel], \
-            base_norm[sel]
-    dt = residual.dtype
-    h = (hidden[idx].float() + residual[idx].float()).to(dt).float()
-    # the arithmetic of _steered (and of the HF hooks), over the applications in use only
-    y = h
-    if st.any_norm:
-        n_delta = torch.zeros_like(h)
-        for k in range(rows.shape[1]):
-            n_delta.addcmul_((gate_n[:, k] * on[:, k]).unsqueeze(1), st.bank[rows[:, k]])
-        has_norm = (base_norm & on).any(dim=1, keepdim=True)
+    every = n_act == plan.acts.shape[1]
+    if (every and plan.whole and n_norm == n_act and not n_raw and plan.n_delta is not None
+            and residual.dtype == torch.float32):
+        h = residual.add_(hidden)  # decode, every row steered by normalising vectors here: 8 ops, no copies
         before = torch.linalg.vector_norm(h, dim=-1, keepdim=True)
-        y = h + n_delta
-        after = torch.linalg.vector_norm(y, dim=-1, keepdim=True).clamp_min(torch.finfo(torch.float32).tiny)
-        y = torch.where(has_norm, y * (before / after), y)
-    if st.any_raw:
-        r_delta = torch.zeros_like(h)
-        for k in range(rows.shape[1]):
-            r_delta.addcmul_((gate_r[:, k] * on[:, k]).unsqueeze(1), st.bank[rows[:, k]])
-        y = y + r_delta
-    residual.index_copy_(0, idx, y.to(dt))
-    hidden.index_fill_(0, idx, 0)
+        h.add_(plan.n_delta[layer])
+        h.mul_(before.div_(torch.linalg.vector_norm(h, dim=-1, keepdim=True).clamp_min_(_TINY)))
+        hidden.zero_()
+        return
+    sel = None if every else plan.acts[layer].nonzero().squeeze(1)
+
+    def part(t: torch.Tensor) -> torch.Tensor:
+        return t if sel is None else t[sel]
+
+    def delta(pre: torch.Tensor | None, gates: torch.Tensor) -> torch.Tensor:
+        if pre is not None:
+            return part(pre[layer])
+        return _deltas(st, part(plan.rows[layer]), part(gates[layer]))
+
+    dt = residual.dtype
+    whole = plan.whole and sel is None
+    idx = part(plan.idx)
+    if whole and dt == torch.float32:
+        h = residual.add_(hidden)
+    else:
+        h = (hidden[idx].float() + residual[idx].float()).to(dt).float()
+    if n_norm:
+        before = torch.linalg.vector_norm(h, dim=-1, keepdim=True)
+        h.add_(delta(plan.n_delta, plan.gate_n))
+        ratio = before.div_(torch.linalg.vector_norm(h, dim=-1, keepdim=True).clamp_min_(_TINY))
+        if n_norm == n_act:
+            h.mul_(ratio)
+        else:  # tokens with only other applications at this layer keep h + 0
+            h.copy_(torch.where(part(plan.has_norm[layer]), h * ratio, h))
+    if n_raw:
+        h.add_(delta(plan.r_delta, plan.gate_r))
+    if whole:
+        if h.data_ptr() != residual.data_ptr():
+            residual.copy_(h)
+        hidden.zero_()
+    else:
+        residual.index_copy_(0, idx, h.to(dt))
+        hidden.index_fill_(0, idx, 0)
 
 
 def _steer_dense(st: SteerState, hidden: torch.Tensor, residual: torch.Tensor, positions: torch.Tensor,

@@ -23,6 +23,7 @@ the request returns.
 from __future__ import annotations
 
 import logging
+import time
 from collections import Counter
 from typing import Any
 
@@ -67,6 +68,8 @@ class SteerState:
         self.pos_bits = torch.zeros(self.S, self.K, (self.P + 7) // 8, dtype=torch.uint8, device=d)
         self.bank = torch.zeros(self.R, self.H, dtype=torch.float32, device=d)
         self.num_steered = 0
+        self.all_steered = False
+        """Every token of the step is steered (the op then works in place, without gathering)."""
         self.layer_active = [False] * self.L
         self.suspended = False
         self.step = 0
@@ -75,6 +78,11 @@ class SteerState:
         """Applications of the step's busiest slot: the sparse op loops over these only."""
         self.any_norm = self.any_raw = False
         self.step_cache: tuple[int, Any] | None = None
+        self.plan_cache: tuple[Any, Any, Any] | None = None
+        """The op's plan of an earlier step, reused while ``step_key`` and the acting applications are the same."""
+        self.epoch = 0
+        """Counts slot assignments and releases: part of ``step_key``, since a slot's tables change only then."""
+        self.step_key: tuple[int, bytes, bytes] | None = None
         self._prev_T = 0
         self._free_rows = list(range(self.R - 1, 0, -1))
         self.keys: dict[str, dict[int, int]] = {}
@@ -87,6 +95,10 @@ class SteerState:
         self._slot_keys: list[list[str]] = [[] for _ in range(self.S)]
         self._unsteered: set[str] = set()
         self.stats: Counter[str] = Counter()
+        self.op_seconds = 0.0
+        """Host time spent in the op (on a GPU, launching its kernels) and in :meth:`fill`: the steering's own cost
+        in the workers, reported with the counters."""
+        self.fill_seconds = 0.0
 
     # -- the bank
     def register(self, key: str, values: dict[Any, Any]) -> dict[str, Any]:
@@ -159,6 +171,7 @@ class SteerState:
         self.entry_norm[slot].zero_()
         self.pos_bits[slot].zero_()
         self.slot_plen[slot] = 0
+        self.epoch += 1
         self.stats["slots_released"] += 1
 
     def _free_slot(self, live: set[str]) -> int:
@@ -197,6 +210,7 @@ class SteerState:
         self._slot_layers[slot] = layers
         self._slot_kind[slot] = (len(apps), any(a.normalize for a in apps), any(not a.normalize for a in apps))
         self._slot_keys[slot] = [a.key for a in apps]
+        self.epoch += 1
         self.stats["slots_assigned"] += 1
         return slot
 
@@ -227,6 +241,7 @@ class SteerState:
     # -- every step
     def fill(self, runner: Any, num_scheduled_tokens: np.ndarray) -> None:
         """Right after the runner's ``_prepare_inputs``, when the batch order is final."""
+        t0 = time.perf_counter()
         batch = runner.input_batch
         req_ids = batch.req_ids[: batch.num_reqs]
         live = set(req_ids)
@@ -239,6 +254,8 @@ class SteerState:
             idx = np.flatnonzero(tok)
             self.tok_idx[: len(idx)].copy_(torch.from_numpy(idx))
             self.num_steered = len(idx)
+            self.all_steered = len(idx) == T
+            self.step_key = (self.epoch, slots.tobytes(), num_scheduled_tokens[: len(slots)].tobytes())
             active: set[int] = set()
             kinds = []
             for s in set(slots.tolist()) - {0}:
@@ -253,6 +270,7 @@ class SteerState:
         elif self.num_steered or self._prev_T:
             self.tok_slot[:T].zero_()
             self.num_steered = 0
+            self.all_steered = False
             self.layer_active = [False] * self.L
         if self._prev_T > T:
             self.tok_slot[T:self._prev_T].zero_()
@@ -260,11 +278,13 @@ class SteerState:
         self.step += 1
         self.step_cache = None
         self.stats["steps"] += 1
+        self.fill_seconds += time.perf_counter() - t0
 
     def quiesce(self) -> None:
         """Before a dummy run (profiling, warm-up, graph capture): no token is steered."""
         self.tok_slot.zero_()
         self.num_steered = 0
+        self.all_steered = False
         self.layer_active = [False] * self.L
         self._prev_T = 0
         self.step += 1
@@ -273,4 +293,5 @@ class SteerState:
     def snapshot(self) -> dict[str, Any]:
         return {"slots_in_use": len(self._slot_of), "slots": self.S - 1, "bank_rows": self.R - 1,
                 "bank_rows_free": len(self._free_rows), "keys": sorted(self.keys), "dense": self.dense,
-                "max_applications": self.K, **self.stats}
+                "max_applications": self.K, "op_seconds": round(self.op_seconds, 6),
+                "fill_seconds": round(self.fill_seconds, 6), **self.stats}

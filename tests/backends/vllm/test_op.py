@@ -136,3 +136,72 @@ def test_registration_reports_a_full_bank_instead_of_raising():
     assert st.register("a@1", values) == {"status": "full", "free": 2}
     assert st.register("b@1", {0: values[0]})["status"] == "ok"
     assert st.register("c@1", {0: b"\x00" * 3})["status"] == "invalid"
+
+
+def _random_batch(seed: int, dense: bool, n_req: int, kind: str):
+    """A state with ``n_req`` requests of random steering (odd seeds steer every request); ``every-row``: each
+    request steered by one normalising vector on every layer at all positions (decode's fast path);
+    ``staggered``: the same on one layer each, so each layer acts on some of the step's tokens."""
+    rng = np.random.default_rng(seed + 1000)
+    st = SteerState(max_num_tokens=256, max_num_seqs=16, hidden_size=H, num_layers=L, max_model_len=64,
+                    device=torch.device("cpu"), max_applications=3, bank_rows=256, dense=dense)
+    requests = {}
+    for r in range(n_req):
+        if kind == "every-row":
+            apps = [(r, 2.0 + r, "all", True, list(range(L)))]
+        elif kind == "staggered":
+            apps = [(r, 2.0 + r, "all", True, [r % L])]
+        else:
+            apps = [(int(rng.integers(6)), float(rng.normal() * 3),
+                     ["all", "prompt", "generated", (3, 9, 12, 13)][int(rng.integers(4))], bool(rng.integers(2)),
+                     sorted(rng.choice(L, size=int(rng.integers(1, L + 1)), replace=False).tolist()))
+                    for _ in range(int(rng.integers(1 if seed % 2 else 0, 4)))]  # odd seeds: every row steered
+        pairs = []
+        for seed, scale, pos, norm, layers in apps:
+            values = {layer: _vec(seed)[layer] for layer in layers}
+            key = wire.vector_key(f"v{seed}", values)
+            assert st.register(key, wire.layer_bytes(values))["status"] == "ok"
+            pairs.append((key, SimpleNamespace(layers=layers, scale=scale, positions=pos, normalize=norm)))
+        requests[f"r{r}"] = SimpleNamespace(num_prompt_tokens=8, sampling_params=SimpleNamespace(
+            extra_args={wire.KEY: wire.encode(pairs)} if pairs else None))
+    runner = SimpleNamespace(input_batch=SimpleNamespace(req_ids=list(requests), num_reqs=n_req), requests=requests)
+    return st, runner
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["fp32", "bf16"])
+@pytest.mark.parametrize("kind", ["mixed", "every-row", "staggered"])
+def test_sparse_and_dense_agree_bit_for_bit_over_prefill_and_decode_steps(dtype, kind):
+    """The sparse op keeps a plan across decode steps (same batch, same acting applications) and works in place
+    when every token is steered; the dense op recomputes everything from the buffers each time. Both must give
+    the same bits over a prefill step and the decode steps after it, as positions cross the prompt's end."""
+    for seed in range(8):
+        rng = np.random.default_rng(seed)
+        n_req = int(rng.integers(2, 6))
+        sides = [_random_batch(seed, dense, n_req, kind) for dense in (False, True)]
+        start = rng.integers(0, 10, size=n_req)
+        plans = []
+        for step in range(6):
+            counts = rng.integers(1, 5, size=n_req) if step == 0 else np.ones(n_req, dtype=np.int64)
+            positions = torch.from_numpy(np.concatenate([np.arange(s, s + c) for s, c in zip(start, counts)]))
+            start = start + counts
+            T = int(counts.sum())
+            g = torch.Generator().manual_seed(seed * 100 + step)
+            streams = [((torch.randn(T, H, generator=g) * 3).to(dtype), (torch.randn(T, H, generator=g) * 3).to(dtype))
+                       for _ in range(L)]  # each layer's own (hidden, residual), as vLLM's layers hand them on
+            outs = []
+            for st, runner in sides:
+                set_state(st)
+                try:
+                    st.fill(runner, counts)
+                    out = [(hidden.clone(), residual.clone()) for hidden, residual in streams]
+                    for layer, (hidden, residual) in enumerate(out):
+                        steer_impl(hidden, residual, positions, layer)
+                finally:
+                    set_state(None)
+                outs.append(out)
+            for layer in range(L):
+                (h0, r0), (h1, r1) = outs[0][layer], outs[1][layer]
+                assert torch.equal(h0, h1) and torch.equal(r0, r1), (seed, step, layer)
+            plans.append(sides[0][0].plan_cache)
+        if kind == "every-row":  # decode steps reuse the plan built at the first decode step
+            assert all(p is not None and p[2] is plans[1][2] for p in plans[2:])
