@@ -58,19 +58,20 @@ def compute_context(lm, precision: Literal["model", "bfloat16"]):
     return torch.autocast(device_type=lm.device.type, dtype=torch.bfloat16)
 
 
-def _units(lengths: Sequence[int], n: int, budget: int) -> list[list[tuple[int, int, int]]]:
-    """Chunks of (row, first point, end point): a row's points split to fit, rows batched together, longest rows
-    first so that a chunk's rows have similar lengths (little padding)."""
-    units: list[tuple[int, int, int]] = []
+def _units(lengths: Sequence[int], points: Sequence[int], budget: int) -> list[list[tuple[int, list[int]]]]:
+    """Chunks of (row, path points): a row's points split to fit, rows batched together, longest rows first so
+    that a chunk's rows have similar lengths (little padding)."""
+    n = len(points)
+    units: list[tuple[int, list[int]]] = []
     for i in sorted(range(len(lengths)), key=lambda r: (-lengths[r], r)):
         L = lengths[i]
         m = max(1, min(n, budget // max(1, L)))
-        units.extend((i, a, min(n, a + m)) for a in range(0, n, m))
-    out: list[list[tuple[int, int, int]]] = []
-    cur: list[tuple[int, int, int]] = []
+        units.extend((i, list(points[a:a + m])) for a in range(0, n, m))
+    out: list[list[tuple[int, list[int]]]] = []
+    cur: list[tuple[int, list[int]]] = []
     longest = count = 0
     for u in units:
-        L, k = lengths[u[0]], u[2] - u[1]
+        L, k = lengths[u[0]], len(u[1])
         if cur and max(longest, L) * (count + k) > budget:
             out.append(cur)
             cur, longest, count = [], 0, 0
@@ -81,13 +82,35 @@ def _units(lengths: Sequence[int], n: int, budget: int) -> list[list[tuple[int, 
     return out
 
 
+EXACT_BELOW = 0.05
+"""With ``precision`` bfloat16, path points closer to the zero baseline than this run in the model's own dtype.
+There the embeddings are smaller than RMSNorm's epsilon scale, the first layers amplify rounding, and bfloat16
+rounding alone re-rolls the token choice (docs/experiments.md §4): on 60 TruthfulQA rows of the default model,
+bfloat16 at every point kept 41/60 float32 selections, float32 below 0.05 kept 57/60 (the same for 0.1-0.2)."""
+
+
+def point_groups(alphas: torch.Tensor, mode: Literal["model", "bfloat16"],
+                 exact_below: float = EXACT_BELOW) -> list[tuple[list[int], Literal["model", "bfloat16"]]]:
+    """The path points (indices) each precision runs: everything in the model's dtype, or with ``bfloat16`` the
+    points below ``exact_below`` in the model's dtype and the rest in bfloat16."""
+    idx = list(range(len(alphas)))
+    if mode == "model":
+        return [(idx, "model")]
+    exact = [i for i in idx if float(alphas[i]) < exact_below]
+    fast = [i for i in idx if float(alphas[i]) >= exact_below]
+    groups: list[tuple[list[int], Literal["model", "bfloat16"]]] = [(exact, "model"), (fast, "bfloat16")]
+    return [(g, m) for g, m in groups if g]
+
+
 def integrated_gradients(ctx: JobContext, rows: Sequence[Sequence[Segment]], weights: Sequence[Sequence[float]],
                          n_steps: int = 20, method: IntegrationMethod = "gausslegendre",
-                         baseline: Baseline = "zeros", stage: str = "attribution", precision: Precision = "model"):
+                         baseline: Baseline = "zeros", stage: str = "attribution", precision: Precision = "model",
+                         exact_below: float = EXACT_BELOW):
     """Job generator: per row, token scores [L_row] (float32, CPU; signed sum over the hidden dimension).
 
     ``weights[r][j]`` weighs the summed log-probability of segment ``j`` of row ``r`` in the objective (roots
-    are not scored; their weight is ignored). ``precision``: see :func:`resolve_precision`; the answers'
+    are not scored; their weight is ignored). ``precision``: see :func:`resolve_precision`; with bfloat16 the path
+    points below ``exact_below`` still run in the model's dtype (:func:`point_groups`); the answers'
     log-probabilities are taken in the model's dtype from the final hidden states either way."""
     lm = ctx.lm
     mode = resolve_precision(lm, precision)
@@ -98,35 +121,37 @@ def integrated_gradients(ctx: JobContext, rows: Sequence[Sequence[Segment]], wei
     lengths = [sum(len(s.ids) for s in r) for r in rows]
     grads = [torch.zeros(L, lm.hidden_size, dtype=acc_dtype, device=lm.device) for L in lengths]
     base_id = {"pad": pad, "eos": ctx.lm.tokenizer.eos_token_id}.get(baseline)
-    plan = _units(lengths, n_steps, ctx.chunk_tokens)
+    plans = [(_units(lengths, points, ctx.chunk_tokens), how)
+             for points, how in point_groups(alphas, mode, exact_below if baseline == "zeros" else 0.0)]
     done = 0
-    for chunk in plan:
-        sub, a_list, w_list, owner = [], [], [], []
-        for i, a0, a1 in chunk:
-            for a in range(a0, a1):
-                sub.append(rows[i])
-                a_list.append(float(alphas[a]))
-                w_list.append(float(qw[a]))
-                owner.append(i)
-        batch = pack(sub, pad, lm.device)
-        tgt = targets(batch, sub)
-        x = emb(batch.ids).detach()
-        base = torch.zeros_like(x) if base_id is None else emb(torch.full_like(batch.ids, int(base_id))).detach()
-        a_t = torch.tensor(a_list, device=lm.device, dtype=x.dtype).view(-1, 1, 1)
-        gw = torch.tensor([weights[owner[r]][j] * w_list[r] for r, j in tgt[3]], device=lm.device,
-                          dtype=acc_dtype)
-        with torch.enable_grad():
-            e = (base + a_t * (x - base)).requires_grad_(True)
-            with compute_context(lm, mode):
-                hidden = packed_forward(ctx, batch, embeds=e)
-            with torch.autocast(device_type=lm.device.type, enabled=False):
-                total = (group_logprobs(lm, hidden.to(lm.dtype), tgt) * gw).sum()
-            (g,) = torch.autograd.grad(total, e)
-        for r, i in enumerate(owner):
-            grads[i] += g[r, : lengths[i]].to(acc_dtype)
-        del e, hidden, total, g
-        done += sum(a1 - a0 for _, a0, a1 in chunk)
-        yield Progress(done, n_steps * len(rows), stage)
+    for plan, how in plans:
+        for chunk in plan:
+            sub, a_list, w_list, owner = [], [], [], []
+            for i, points in chunk:
+                for a in points:
+                    sub.append(rows[i])
+                    a_list.append(float(alphas[a]))
+                    w_list.append(float(qw[a]))
+                    owner.append(i)
+            batch = pack(sub, pad, lm.device)
+            tgt = targets(batch, sub)
+            x = emb(batch.ids).detach()
+            base = torch.zeros_like(x) if base_id is None else emb(torch.full_like(batch.ids, int(base_id))).detach()
+            a_t = torch.tensor(a_list, device=lm.device, dtype=x.dtype).view(-1, 1, 1)
+            gw = torch.tensor([weights[owner[r]][j] * w_list[r] for r, j in tgt[3]], device=lm.device,
+                              dtype=acc_dtype)
+            with torch.enable_grad():
+                e = (base + a_t * (x - base)).requires_grad_(True)
+                with compute_context(lm, how):
+                    hidden = packed_forward(ctx, batch, embeds=e)
+                with torch.autocast(device_type=lm.device.type, enabled=False):
+                    total = (group_logprobs(lm, hidden.to(lm.dtype), tgt) * gw).sum()
+                (g,) = torch.autograd.grad(total, e)
+            for r, i in enumerate(owner):
+                grads[i] += g[r, : lengths[i]].to(acc_dtype)
+            del e, hidden, total, g
+            done += sum(len(points) for _, points in chunk)
+            yield Progress(done, n_steps * len(rows), stage)
     out = []
     for i, row in enumerate(rows):
         ids = torch.tensor([t for s in row for t in s.ids], device=lm.device)
@@ -147,8 +172,10 @@ def cached_integrated_gradients(ctx: JobContext, rows: Sequence[Sequence[Segment
 
     store = score_cache.SCORES if cache is None else cache
     fp = score_cache.model_fingerprint(ctx.lm)
-    settings = {"n_steps": n_steps, "method": method, "baseline": baseline,
+    settings: dict[str, object] = {"n_steps": n_steps, "method": method, "baseline": baseline,
                 "precision": resolve_precision(ctx.lm, precision), "dtype": str(ctx.lm.dtype)}
+    if settings["precision"] == "bfloat16" and baseline == "zeros":
+        settings["exact_below"] = EXACT_BELOW
     keys = [score_cache.row_key(fp, r, w, settings) for r, w in zip(rows, weights, strict=True)]
     out: list[torch.Tensor | None] = [store.get(k) for k in keys]
     todo = [i for i, s in enumerate(out) if s is None]

@@ -68,10 +68,10 @@ class GrainsParams(BuilderParams):
     integration: IntegrationMethod = "gausslegendre"
     baseline: Literal["zeros", "pad", "eos"] = "zeros"
     precision: Precision = Field(
-        "model", description="integrated gradients in the model's own dtype (model), with bfloat16 matrix products "
-                             "and float32 accumulation (bfloat16: 1.6x faster on an AVX512-BF16 CPU, every layer's "
-                             "vector within cosine 0.988 of float32's), or bfloat16 where the hardware runs it "
-                             "natively and the model is float32 (auto)")
+        "model", description="integrated gradients in the model's own dtype (model); with bfloat16 matrix products "
+                             "and float32 accumulation (bfloat16), except the path points nearest the zero baseline, "
+                             "which stay in float32 because rounding there re-rolls the token choice; or bfloat16 "
+                             "where the hardware runs it natively and the model is float32 (auto)")
     replacement: Literal["pad", "eos", "unk", "delete", "baseline"] | int = Field(
         "pad", description="what takes the chosen tokens' place: a token (pad, i.e. EOS when there is none; eos; "
                            "unk; or an id), nothing (delete: the tokens are removed), or the integrated-gradients "

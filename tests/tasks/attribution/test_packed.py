@@ -72,3 +72,28 @@ def test_bfloat16_attribution_agrees_with_float32_and_auto_picks_the_hardware(ti
     assert resolve_precision(tiny_lm, "auto") == ("bfloat16" if _native_bf16("cpu") else "model")
     assert resolve_precision(tiny_lm, "model") == "model"
     assert resolve_precision(lm64, "bfloat16") == resolve_precision(lm64, "auto") == "model"  # float64 is asked for
+
+
+def test_bfloat16_runs_the_points_near_the_zero_baseline_in_the_models_dtype(tiny_lm):
+    """Near the zero baseline the embeddings are below RMSNorm's epsilon scale and rounding is amplified, so those
+    path points stay in float32: with every point below the threshold the result is float32's bit for bit, with
+    none it is all-bfloat16's, and the default sits much closer to float32 than all-bfloat16 does."""
+    from steering.tasks.attribution.packed import EXACT_BELOW, point_groups
+
+    alphas, _ = integration_points(8, "gausslegendre")
+    groups = point_groups(alphas, "bfloat16")
+    assert [how for _, how in groups] == ["model", "bfloat16"]
+    assert all(float(alphas[i]) < EXACT_BELOW for i in groups[0][0]) and sorted(groups[0][0] + groups[1][0]) == \
+        list(range(8))
+    data = encode(tiny_lm, EXAMPLES, BuilderParams())
+    rows = [answer_rows(e.prompt, [e.preferred, e.dispreferred]) for e in data]
+    w = [[0, 1, -1]] * len(rows)
+
+    def ig(**kw):
+        return torch.cat(run_job(lambda ctx: integrated_gradients(ctx, rows, w, 8, **kw), tiny_lm))
+
+    fp32, default = ig(), ig(precision="bfloat16")
+    assert torch.equal(ig(precision="bfloat16", exact_below=1.0), fp32)
+    all_bf16 = ig(precision="bfloat16", exact_below=0.0)
+    assert not torch.equal(default, fp32) and not torch.equal(default, all_bf16)
+    assert float((default - fp32).abs().sum()) < 0.5 * float((all_bf16 - fp32).abs().sum())
