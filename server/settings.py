@@ -11,6 +11,7 @@ from pydantic_settings import BaseSettings, SettingsConfigDict
 
 from server.auth import APIKey
 from steering.limits import RequestLimits
+from steering.multimodal import DEFAULT_FORMATS, ImageLimits
 from steering.store import DEFAULT_VECTOR_DIR
 
 
@@ -47,6 +48,14 @@ class ServerSettings(BaseSettings):
     max_prompt_chars: int = Field(1_000_000, ge=1, description="prompt characters one request may send")
     max_stop_strings: int = Field(16, ge=0, description="stop strings one request may give")
     max_stop_chars: int = Field(256, ge=1, description="characters of one stop string")
+    max_images: int = Field(8, ge=0, description="images one request may send (vision-language models)")
+    max_image_bytes: int = Field(10 * 1024 * 1024, ge=1, description="encoded bytes of one image")
+    max_image_pixels: int = Field(4096 * 4096, ge=1, description="width x height of one image")
+    image_formats: list[str] = Field(default_factory=lambda: sorted(DEFAULT_FORMATS),
+                                     description="image formats accepted (Pillow's names)")
+    image_dirs: list[Path] = Field(default_factory=list, description="directories whose image files requests may "
+                                                                     "name (file: URLs or paths); default: none, "
+                                                                     "only data: URLs")
     retry_after_seconds: int = Field(1, ge=0, description="Retry-After on 503 when the queue is full")
     log_level: str = Field("info", description="log level (uvicorn's too)")
     header_timeout_seconds: float = Field(10.0, gt=0, description="a connection must send its request headers "
@@ -91,5 +100,9 @@ class ServerSettings(BaseSettings):
 
 def request_limits(settings: ServerSettings) -> RequestLimits:
     """The bounds on one request's work, from the settings."""
+    images = ImageLimits(max_images=settings.max_images, max_bytes=settings.max_image_bytes,
+                         max_pixels=settings.max_image_pixels,
+                         formats=frozenset(f.upper() for f in settings.image_formats),
+                         allowed_dirs=tuple(settings.image_dirs))
     return RequestLimits(max_prompt_chars=settings.max_prompt_chars, max_stop_strings=settings.max_stop_strings,
-                         max_stop_chars=settings.max_stop_chars)
+                         max_stop_chars=settings.max_stop_chars, images=images)

@@ -7,9 +7,10 @@ server (or the rows batched beside it) do unbounded work.
 from __future__ import annotations
 
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 from steering.errors import InvalidRequestError
+from steering.multimodal import ImageLimits
 
 
 @dataclass(frozen=True)
@@ -20,6 +21,8 @@ class RequestLimits:
     max_stop_chars: int = 256
     """Characters of one stop string (each is searched for in every new piece of text)."""
     max_stop_token_ids: int = 64
+    images: ImageLimits = field(default_factory=ImageLimits)
+    """What a request's images may be (count, bytes, pixels, formats, readable directories)."""
 
     def check_text(self, texts: Sequence[str], param: str) -> None:
         total = sum(len(t) for t in texts)

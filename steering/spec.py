@@ -22,7 +22,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Callable, Mapping, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Any, Literal
 
 import torch
@@ -30,9 +30,11 @@ import torch
 from steering.errors import NotFoundError, SteeringValidationError
 from steering.vectors import SteeringVector
 
-PositionKind = Literal["all", "prompt", "generated"]
+PositionKind = Literal["all", "prompt", "generated", "image"]
 Positions = PositionKind | tuple[int, ...]
-POSITION_KINDS: tuple[str, ...] = ("all", "prompt", "generated")
+POSITION_KINDS: tuple[str, ...] = ("all", "prompt", "generated", "image")
+"""``prompt``: every prompt token (image tokens included); ``generated``: the generated tokens' states; ``image``:
+the tokens a prompt's images fill (bound to their positions per request by :func:`bind_images`)."""
 MAX_APPLICATIONS = 16
 
 # The defaults of one application, shared by every entry point (the HTTP API, ``steerserve generate``): a vector
@@ -257,3 +259,18 @@ def resolve(spec: SteeringSpec, *, hidden_size: int, num_layers: int, max_len: i
                                        positions, DEFAULT_NORMALIZE if app.normalize is None
                                        else bool(app.normalize)))
     return ResolvedSteering(tuple(out))
+
+
+def bind_images(steering: ResolvedSteering, positions: Sequence[int],
+                param: str = "steering.vectors") -> ResolvedSteering:
+    """A request's steering with ``image`` positions replaced by the absolute positions of its prompt's image
+    tokens; SteeringValidationError when it has none."""
+    if not any(a.positions == "image" for a in steering.applications):
+        return steering
+    if not positions:
+        i = next(i for i, a in enumerate(steering.applications) if a.positions == "image")
+        raise SteeringValidationError("positions 'image' steer a prompt's image tokens, and this prompt has no "
+                                      "image", param=f"{param}[{i}].positions")
+    bound = tuple(sorted(positions))
+    return ResolvedSteering(tuple(replace(a, positions=bound) if a.positions == "image" else a
+                                  for a in steering.applications))

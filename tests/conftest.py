@@ -122,3 +122,32 @@ def client(server):
 @pytest.fixture(scope="module")
 def model_name(tiny_lm):
     return tiny_lm.name
+
+
+@pytest.fixture(scope="session")
+def vlm(tmp_path_factory):
+    """``vlm(family)``: a tiny random vision-language model of that family (:func:`tests.tiny.build_vlm`), loaded
+    once per session."""
+    from tests.tiny import build_vlm
+
+    loaded: dict[str, object] = {}
+
+    def _get(family: str = "llava"):
+        if family not in loaded:
+            path = build_vlm(tmp_path_factory.mktemp(f"tiny-{family}"), family)
+            loaded[family] = load_model(str(path), device="cpu", dtype="float32")
+        return loaded[family]
+
+    return _get
+
+
+@pytest.fixture(scope="session")
+def images():
+    """``images(seed, size)``: a random image as a checked LoadedImage."""
+    from steering.multimodal import ImageLimits, load_image
+    from tests.tiny import data_url, random_image
+
+    def _get(seed: int = 0, size: tuple[int, int] = (40, 30)):
+        return load_image(data_url(random_image(seed, size)), ImageLimits())
+
+    return _get

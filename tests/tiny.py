@@ -120,3 +120,97 @@ def plain_logprob(lm, prompt: list[int], answer: list[int], embeds=None) -> torc
     lp = out.logits[0].double().log_softmax(-1)
     P = len(prompt)
     return lp[P - 1: P - 1 + len(answer)].gather(-1, torch.tensor(answer).unsqueeze(-1)).sum()
+
+
+VLM_CHAT_TEMPLATE = (
+    "{% for m in messages %}<|im_start|>{{ m['role'] }}\n{% if m['content'] is string %}{{ m['content'] }}"
+    "{% else %}{% for c in m['content'] %}{% if c['type'] == 'image' %}IMAGE{% else %}{{ c['text'] }}{% endif %}"
+    "{% endfor %}{% endif %}<|im_end|>\n{% endfor %}{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}"
+)
+"""The tiny chat template, with content parts; IMAGE stands for the family's image placeholder."""
+
+VLM_FAMILIES = ("llava", "qwen2_vl", "gemma3")
+
+
+def build_vlm(path: Path, family: str = "llava", seed: int = 0, layers: int = 4, hidden: int = 64) -> Path:
+    """Save a random vision-language model of ``family`` (a small vision tower, the tiny tokenizer with the family's
+    image tokens, its image processor and chat template) into ``path``; return ``path``."""
+    from transformers import LlamaConfig
+
+    path.mkdir(parents=True, exist_ok=True)
+    tok = build_tokenizer(path)
+    text = dict(hidden_size=hidden, intermediate_size=hidden * 2, num_hidden_layers=layers, num_attention_heads=4,
+                num_key_value_heads=2, max_position_embeddings=512, initializer_range=0.2,
+                bos_token_id=tok.bos_token_id, eos_token_id=tok.eos_token_id, pad_token_id=tok.pad_token_id)
+    if family == "llava":
+        from transformers import CLIPVisionConfig, LlavaConfig, LlavaForConditionalGeneration
+        from transformers.models.clip.image_processing_pil_clip import CLIPImageProcessorPil
+
+        tok.add_special_tokens({"additional_special_tokens": ["<image>"]})
+        cfg = LlavaConfig(
+            vision_config=CLIPVisionConfig(hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+                                           num_attention_heads=4, image_size=32, patch_size=8, projection_dim=32),
+            text_config=LlamaConfig(vocab_size=len(tok), **text), image_token_index=tok.convert_tokens_to_ids("<image>"),
+            vision_feature_select_strategy="default", vision_feature_layer=-1)
+        processor = CLIPImageProcessorPil(size={"shortest_edge": 32}, crop_size={"height": 32, "width": 32})
+        placeholder, model_cls = "<image>", LlavaForConditionalGeneration
+    elif family == "qwen2_vl":
+        from transformers import Qwen2VLConfig, Qwen2VLForConditionalGeneration
+        from transformers.models.qwen2_vl.image_processing_pil_qwen2_vl import Qwen2VLImageProcessorPil
+
+        marks = ["<|vision_start|>", "<|vision_end|>", "<|image_pad|>", "<|video_pad|>"]
+        tok.add_special_tokens({"additional_special_tokens": marks})
+        ids = dict(zip(marks, tok.convert_tokens_to_ids(marks), strict=True))
+        cfg = Qwen2VLConfig(
+            vision_config=dict(depth=2, embed_dim=32, hidden_size=hidden, num_heads=4, mlp_ratio=2, patch_size=8,
+                               spatial_merge_size=2, temporal_patch_size=2, in_channels=3),
+            text_config=dict(vocab_size=len(tok), rope_parameters={"rope_type": "default", "mrope_section": [2, 3, 3],
+                                                                   "rope_theta": 10000.0}, **text),
+            image_token_id=ids["<|image_pad|>"], video_token_id=ids["<|video_pad|>"],
+            vision_start_token_id=ids["<|vision_start|>"], vision_end_token_id=ids["<|vision_end|>"])
+        processor = Qwen2VLImageProcessorPil(min_pixels=16 * 16, max_pixels=48 * 48, patch_size=8, merge_size=2,
+                                             temporal_patch_size=2)
+        placeholder, model_cls = "<|vision_start|><|image_pad|><|vision_end|>", Qwen2VLForConditionalGeneration
+    elif family == "gemma3":
+        from transformers import Gemma3Config, Gemma3ForConditionalGeneration, Gemma3TextConfig, SiglipVisionConfig
+        from transformers.models.gemma3.image_processing_pil_gemma3 import Gemma3ImageProcessorPil
+
+        marks = ["<start_of_image>", "<end_of_image>", "<image_soft_token>"]
+        tok.add_special_tokens({"additional_special_tokens": marks})
+        ids = dict(zip(marks, tok.convert_tokens_to_ids(marks), strict=True))
+        cfg = Gemma3Config(
+            vision_config=SiglipVisionConfig(hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+                                             num_attention_heads=4, image_size=32, patch_size=8),
+            text_config=Gemma3TextConfig(vocab_size=len(tok), head_dim=16, sliding_window=64, **text),
+            mm_tokens_per_image=4, boi_token_index=ids["<start_of_image>"], eoi_token_index=ids["<end_of_image>"],
+            image_token_index=ids["<image_soft_token>"])
+        processor = Gemma3ImageProcessorPil(size={"height": 32, "width": 32})
+        placeholder, model_cls = "<start_of_image>", Gemma3ForConditionalGeneration
+    else:
+        raise ValueError(family)
+    tok.save_pretrained(path)
+    torch.manual_seed(seed)
+    model = model_cls(cfg)
+    model.save_pretrained(path)
+    processor.save_pretrained(path)
+    (path / "chat_template.jinja").write_text(VLM_CHAT_TEMPLATE.replace("IMAGE", placeholder))
+    return path
+
+
+def random_image(seed: int = 0, size: tuple[int, int] = (40, 30), fmt: str = "PNG") -> bytes:
+    """A random RGB image, encoded."""
+    import io
+
+    import numpy as np
+    from PIL import Image
+
+    pixels = (np.random.default_rng(seed).random((size[1], size[0], 3)) * 255).astype("uint8")
+    buf = io.BytesIO()
+    Image.fromarray(pixels).save(buf, format=fmt)
+    return buf.getvalue()
+
+
+def data_url(data: bytes, mime: str = "image/png") -> str:
+    import base64
+
+    return f"data:{mime};base64,{base64.b64encode(data).decode()}"

@@ -81,7 +81,7 @@ def new_id(prefix: str) -> str:
     return f"{prefix}-{uuid.uuid4().hex}"
 
 
-PositionsField = Literal["all", "prompt", "generated"] | list[NonNegativeInt]
+PositionsField = Literal["all", "prompt", "generated", "image"] | list[NonNegativeInt]
 LayerKey = Annotated[int, pydantic.Strict(False)]
 """A layer index as a JSON object key ("12")."""
 LAYER_VALUES = {"propertyNames": {"pattern": "^(0|[1-9][0-9]*)$"}}

@@ -173,6 +173,22 @@ class TextPart(Strict):
     text: str
 
 
+class ImageURL(Strict):
+    url: Annotated[str, Field(min_length=1)]
+    """A ``data:`` URL (``data:image/png;base64,...``), or a file in a directory the server allows
+    (``--image-dirs``). Never fetched from the network: an ``http(s)`` URL is refused."""
+    detail: Literal["auto"] | None = None
+    """Only ``auto``: the model's own image processor decides the resolution."""
+
+
+class ImagePart(Strict):
+    type: Literal["image_url"]
+    image_url: ImageURL
+
+
+ContentPart = Annotated[TextPart | ImagePart, Field(discriminator="type")]
+
+
 class FunctionCall(Strict):
     name: str
     arguments: str
@@ -187,7 +203,8 @@ class MessageToolCall(Strict):
 
 class ChatMessage(Strict):
     role: Literal["system", "user", "assistant", "developer", "tool"]
-    content: str | list[TextPart] | None = None
+    content: str | list[ContentPart] | None = None
+    """Text, or parts: text and (for a vision-language model) images."""
     name: str | None = None
     tool_calls: list[MessageToolCall] | None = None
     """An assistant's earlier calls (then ``content`` may be null)."""
@@ -205,12 +222,24 @@ class ChatMessage(Strict):
         return self
 
     def text(self) -> str:
+        """The message's text (its text parts joined; images left out)."""
         if self.content is None:
             return ""
-        return self.content if isinstance(self.content, str) else "".join(p.text for p in self.content)
+        if isinstance(self.content, str):
+            return self.content
+        return "".join(p.text for p in self.content if isinstance(p, TextPart))
 
-    def to_core(self) -> dict[str, Any]:
-        out: dict[str, Any] = {"role": self.role, "content": self.text()}
+    def content_core(self, index: int) -> str | list[dict[str, Any]]:
+        """The content as the core takes it: text, or parts with each image still a URL (loaded and checked off the
+        event loop, :func:`steering.multimodal.load_message_images`)."""
+        if not isinstance(self.content, list) or not any(isinstance(p, ImagePart) for p in self.content):
+            return self.text()
+        return [{"type": "text", "text": p.text} if isinstance(p, TextPart) else
+                {"type": "image_url", "url": p.image_url.url, "param": f"messages[{index}].content[{j}].image_url"}
+                for j, p in enumerate(self.content)]
+
+    def to_core(self, index: int = 0) -> dict[str, Any]:
+        out: dict[str, Any] = {"role": self.role, "content": self.content_core(index)}
         if self.tool_calls:
             out["tool_calls"] = [c.model_dump() for c in self.tool_calls]
         if self.tool_call_id is not None:
@@ -221,7 +250,7 @@ class ChatMessage(Strict):
 
 
 def chat_messages(messages: list[ChatMessage]) -> list[dict[str, Any]]:
-    return [m.to_core() for m in messages]
+    return [m.to_core(i) for i, m in enumerate(messages)]
 
 
 class FunctionDef(Strict):

@@ -18,6 +18,8 @@ class ModelCard(BaseModel):
     max_model_len: int
     num_layers: int
     hidden_size: int
+    input_modalities: list[Literal["text", "image"]] = ["text"]
+    """``image`` for a vision-language model on a backend that runs its images."""
 
 
 class ModelList(BaseModel):

@@ -12,6 +12,7 @@ import logging
 import time
 from collections.abc import AsyncIterator
 from dataclasses import dataclass, field
+from typing import Any
 
 from server.protocol.common import Usage, new_id
 from server.protocol.generation import (
@@ -41,6 +42,7 @@ from server.serving.threads import prepare, tokenize
 from server.streaming import DONE, error_event, sse
 from steering.engine.types import RequestOutput
 from steering.errors import InvalidRequestError
+from steering.multimodal import PromptImage, load_message_images, message_text
 from steering.sampling import StructuredOutput
 from steering.tools import ToolCall, ToolSpec, parse_auto, parse_required
 
@@ -121,15 +123,20 @@ class GenerationService:
         if mode == "named":
             plan.tools = [t for t in plan.tools if t.name == req.tool_choice.function.name]  # type: ignore[union-attr]
         messages = chat_messages(req.messages)
-        self.limits.check_text([m["content"] for m in messages], "messages")
+        self.limits.check_text([message_text(m) for m in messages], "messages")
         offered = req.tool_specs() if mode != "none" else None
-        ids = await tokenize(self.inputs.encode_chat, messages, True, offered)
+        ids, images = await tokenize(self._encode_chat, messages, offered)
         remaining = self._remaining(len(ids), "messages")
         max_tokens = req.requested_max_tokens()
         sampling = req.to_sampling(max_tokens if max_tokens is not None else remaining, req.logprobs,
                                    req.top_logprobs or 0, structured=req.tool_structure(mode))
         await self._compile(sampling[0].structured)
-        return self.submitter.submit(ids, sampling, req.steering_spec()), plan
+        return self.submitter.submit(ids, sampling, req.steering_spec(), images=images), plan
+
+    def _encode_chat(self, messages: list[dict[str, Any]],
+                     tools: list[ToolSpec] | None) -> tuple[list[int], tuple[PromptImage, ...]]:
+        """Load and check the messages' images, then encode them (on the tokenizing thread)."""
+        return self.inputs.encode_chat_prompt(load_message_images(messages, self.limits.images), True, tools)
 
     async def chat(self, req: ChatCompletionRequest) -> ChatCompletionResponse:
         sub, plan = await self.prepare_chat(req)

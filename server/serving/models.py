@@ -15,7 +15,8 @@ class ModelService:
         self.name = served_name or info.name
         """The name clients send."""
         self.card = ModelCard(id=self.name, created=int(time.time()), max_model_len=info.max_model_len,
-                              num_layers=info.num_layers, hidden_size=info.hidden_size)
+                              num_layers=info.num_layers, hidden_size=info.hidden_size,
+                              input_modalities=["text", "image"] if info.vision else ["text"])
 
     @property
     def max_model_len(self) -> int:

@@ -19,6 +19,7 @@ from steering.errors import (
     RequestFailedError,
     SteeringError,
 )
+from steering.multimodal import PromptImage
 from steering.sampling import SamplingParams
 from steering.spec import ResolvedSteering, SteeringSpec
 
@@ -71,7 +72,7 @@ class Submitter:
         return None
 
     def submit(self, prompt_ids: list[int], sampling: Sequence[SamplingParams],
-               steering: SteeringSpec | None, count: bool = True) -> Submitted:
+               steering: SteeringSpec | None, count: bool = True, images: tuple[PromptImage, ...] = ()) -> Submitted:
         """Submit one request per sampling (the ``n`` choices); all or none are accepted. ``count``: whether this
         submission counts as a steered request (a batch of prompts counts once)."""
         loop = asyncio.get_running_loop()
@@ -82,7 +83,8 @@ class Submitter:
         handles: list[RequestHandle] = []
         try:
             for sp in sampling:
-                handles.append(self.backend.submit(GenerationRequest(prompt_ids, sp, steering), loop=loop))
+                handles.append(self.backend.submit(GenerationRequest(prompt_ids, sp, steering, images=images),
+                                                   loop=loop))
         except SteeringError:
             for h in handles:
                 h.cancel()

@@ -15,6 +15,7 @@ from server.serving.threads import tokenize
 from steering.errors import InvalidRequestError
 from steering.inputs import Inputs
 from steering.limits import RequestLimits
+from steering.multimodal import load_message_images
 
 
 class TokenizerService:
@@ -35,7 +36,8 @@ class TokenizerService:
         if req.prompt is not None:
             ids = self.inputs.encode_text(req.prompt, add_special_tokens=req.add_special_tokens)
         else:
-            ids = self.inputs.encode_chat(chat_messages(req.messages or []), req.add_generation_prompt)
+            messages = load_message_images(chat_messages(req.messages or []), self.limits.images)
+            ids, _ = self.inputs.encode_chat_prompt(messages, req.add_generation_prompt)
         return TokenizeResponse(count=len(ids), max_model_len=self.models.max_model_len, tokens=ids,
                                 token_strs=self.inputs.token_strings(ids)).model_dump_json().encode()
 

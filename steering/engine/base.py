@@ -22,8 +22,9 @@ from steering.engine.types import EngineStats, GenerationRequest, GenerationResu
 from steering.errors import InvalidRequestError
 from steering.inputs import Inputs
 from steering.limits import RequestLimits
+from steering.multimodal import image_positions
 from steering.sampling import SamplingParams, StructuredOutput
-from steering.spec import ResolvedSteering, SteeringSpec, resolve
+from steering.spec import ResolvedSteering, SteeringSpec, bind_images, resolve
 
 if TYPE_CHECKING:
     from steering.engine.jobs import Work
@@ -94,7 +95,17 @@ class GenerationBackend(ABC):
             raise InvalidRequestError(
                 f"this model's maximum context length is {info.max_model_len} tokens; the request needs {total} "
                 f"({len(ids)} in the prompt, {sp.max_tokens} for the completion)", param="max_tokens")
-        return self.resolve_steering(request.steering) if request.steering is not None else None
+        if request.images:
+            if not info.vision:
+                raise InvalidRequestError(f"this backend serves {info.name} without images (it takes text only)",
+                                          param="messages")
+            at = image_positions(request.images)
+            if any(not 0 <= p < len(ids) for p in at) or len(set(at)) != len(at):
+                raise InvalidRequestError("the images' positions are not distinct positions of the prompt",
+                                          param="messages")
+        if request.steering is None:
+            return None
+        return bind_images(self.resolve_steering(request.steering), image_positions(request.images))
 
     def prepare_structured(self, spec: StructuredOutput) -> None:  # noqa: B027 - optional hook
         """Compile a structured output's grammar ahead of ``submit`` (blocking; a server calls it off its event

@@ -8,6 +8,7 @@ import uuid
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
+from steering.multimodal import PromptImage
 from steering.sampling import SamplingParams, TokenLogprob
 from steering.spec import SteeringSpec
 
@@ -47,6 +48,8 @@ class ModelInfo:
     source: str = ""
     device: str = "cpu"
     dtype: str = "float32"
+    vision: bool = False
+    """The model takes images in its prompts (a vision-language model on a backend that runs them)."""
 
     def identity(self) -> ModelIdentity:
         return ModelIdentity(self.name, self.hidden_size, self.num_layers, self.model_type, self.vocab_size)
@@ -61,6 +64,8 @@ class GenerationRequest:
     priority: int = 0
     """0 for interactive requests; above 0 for background work (an evaluation's generations), which a backend
     may hold to a share of its batch so that interactive requests keep flowing."""
+    images: tuple[PromptImage, ...] = ()
+    """The prompt's images, placed in ``prompt_token_ids`` (:mod:`steering.multimodal`)."""
 
 
 @dataclass

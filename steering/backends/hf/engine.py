@@ -221,10 +221,21 @@ class HFEngine(GenerationBackend, AnalysisBackend):
         for i, s in enumerate(seqs):
             ids[i, : s.length] = torch.tensor(s.tokens)
         pos = torch.arange(length, device=dev).expand(n, length)
+        keep = self.runner.causal(pos, length)
+        embeds = rope = None
+        images = self.runner.images
+        if images is not None and any(s.req.images for s in seqs):
+            rows = [s.req.images for s in seqs]
+            embeds = images.embed(ids.to(dev), rows)
+            keep = images.keep(keep, rows)
+            rope, deltas = images.rope(pos, [(s.req.prompt_token_ids, s.req.images) for s in seqs])
+            for s, delta in zip(seqs, deltas, strict=True):
+                s.rope_delta = delta
         out = self.runner.forward(
-            input_ids=ids.to(dev), positions=pos, prompt_lens=torch.tensor([s.prompt_len for s in seqs], device=dev),
-            keep=self.runner.causal(pos, length), steering=[s.apps for s in seqs], kv="prefill" if prefill else None,
-            slot_start=len(self.scheduler.running))
+            input_ids=None if embeds is not None else ids.to(dev), inputs_embeds=embeds, positions=pos,
+            prompt_lens=torch.tensor([s.prompt_len for s in seqs], device=dev), keep=keep,
+            steering=[s.apps for s in seqs], kv="prefill" if prefill else None,
+            slot_start=len(self.scheduler.running), rope_positions=rope)
         hidden = out.last_hidden_state
         for i, s in enumerate(seqs):
             if s.wants_prompt_logprobs:
@@ -272,10 +283,14 @@ class HFEngine(GenerationBackend, AnalysisBackend):
         seqs = self.scheduler.running
         ids = torch.tensor([[s.tokens[-1]] for s in seqs], device=dev)
         pos = torch.tensor([[s.length - 1] for s in seqs], device=dev)
+        rope = None
+        if any(s.rope_delta for s in seqs):  # multimodal rotary positions: every later token is offset
+            rope = (pos + torch.tensor([[s.rope_delta] for s in seqs], device=dev)).unsqueeze(0).expand(3, -1, -1)
         try:
             out = self.runner.forward(
                 input_ids=ids, positions=pos, prompt_lens=torch.tensor([s.prompt_len for s in seqs], device=dev),
-                steering=[s.apps for s in seqs], steering_key=tuple(s.uid for s in seqs), kv="decode")
+                steering=[s.apps for s in seqs], steering_key=tuple(s.uid for s in seqs), kv="decode",
+                rope_positions=rope)
             logits = self.lm.logits(out.last_hidden_state[:, -1])
         except Exception as exc:  # noqa: BLE001
             log.exception("decode step failed")

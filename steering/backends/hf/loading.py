@@ -27,6 +27,7 @@ from steering.backends.hf.layers import find_decoder_layers
 from steering.engine.types import ModelInfo
 from steering.errors import ModelLoadError
 from steering.inputs import Inputs
+from steering.vision import VisionFront, is_vision_config, processor_chat_template
 
 log = logging.getLogger(__name__)
 
@@ -181,6 +182,8 @@ class LoadedModel:
     source: str
     device: torch.device
     dtype: torch.dtype
+    vision: VisionFront | None = None
+    """A vision-language model's image side (None: text only)."""
     text_config: Any = field(init=False)
     """The language model's config (the model's own, or its text part for multimodal wrappers)."""
     hidden_size: int = field(init=False)
@@ -202,8 +205,17 @@ class LoadedModel:
         self.num_layers = len(self.layers)
         self.max_model_len = int(getattr(tc, "max_position_embeddings", None) or getattr(tc, "n_positions", 0) or 2048)
         self.vocab_size = int(self.model.get_output_embeddings().weight.shape[0])
-        self.inputs = Inputs(self.tokenizer)
+        self.inputs = Inputs(self.tokenizer, self.vision)
         self._softcap = getattr(tc, "final_logit_softcapping", None)
+
+    @property
+    def backbone(self) -> Any:
+        """The decoder stack every forward runs (token ids or embeddings in, final hidden states out): the model's
+        base model, or a vision-language model's language model."""
+        if self.vision is not None:
+            inner = self.model.model
+            return getattr(inner, "language_model", None) or inner.text_model
+        return self.model.base_model
 
     @property
     def info(self) -> ModelInfo:
@@ -212,6 +224,7 @@ class LoadedModel:
             model_type=getattr(self.model.config, "model_type", None), hidden_size=self.hidden_size,
             num_layers=self.num_layers, max_model_len=self.max_model_len, vocab_size=self.vocab_size,
             source=self.source, device=str(self.device), dtype=str(self.dtype).removeprefix("torch."),
+            vision=self.vision is not None,
         )
 
     def logits(self, hidden: torch.Tensor) -> torch.Tensor:
@@ -270,24 +283,34 @@ def load_model(
     name: str | None = None,
     attn_implementation: str = "sdpa",
 ) -> LoadedModel:
-    """Load a causal LM for steering. ``source``: HF directory, ``.gguf`` file, or None for the default."""
-    from transformers import AutoModelForCausalLM, AutoTokenizer
+    """Load a causal LM (or a vision-language model: :mod:`steering.vision`) for steering. ``source``: HF
+    directory, ``.gguf`` file, or None for the default."""
+    from transformers import AutoConfig, AutoModelForCausalLM, AutoModelForImageTextToText, AutoTokenizer
 
     model_dir, display = resolve_model_dir(source, cache_dir)
     dev = resolve_device(device)
     torch_dtype = resolve_dtype(dtype, dev)
     try:
-        model: Any = AutoModelForCausalLM.from_pretrained(
+        config = AutoConfig.from_pretrained(str(model_dir), local_files_only=True)
+        vision = is_vision_config(config)
+        auto = AutoModelForImageTextToText if vision else AutoModelForCausalLM
+        model: Any = auto.from_pretrained(
             str(model_dir), dtype=torch_dtype, local_files_only=True, attn_implementation=attn_implementation
         )
         tokenizer = AutoTokenizer.from_pretrained(str(model_dir), local_files_only=True)
     except Exception as exc:
         raise ModelLoadError(f"failed to load model from {model_dir}: {exc}") from exc
+    front = None
+    if vision:
+        template = processor_chat_template(model_dir)
+        if template:
+            tokenizer.chat_template = template
+        front = VisionFront.for_model(model.config, model_dir, tokenizer)
     model.to(dev)
     model.eval()
     model.requires_grad_(False)
     layers = find_decoder_layers(model)
     return LoadedModel(
         model=model, tokenizer=tokenizer, layers=layers, name=name or display, source=str(model_dir),
-        device=dev, dtype=torch_dtype,
+        device=dev, dtype=torch_dtype, vision=front,
     )

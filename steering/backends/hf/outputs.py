@@ -26,7 +26,7 @@ class Sequence:
 
     __slots__ = ("uid", "req", "handle", "params", "tokens", "prompt_len", "generated", "detok", "generator",
                  "apps", "metrics", "banned_until_min", "eos_ids", "finish_reason", "stop_reason", "matcher",
-                 "grammar_eos", "prompt_logprobs", "_first_sent")
+                 "grammar_eos", "prompt_logprobs", "_first_sent", "rope_delta")
 
     def __init__(self, req: GenerationRequest, handle: RequestHandle, apps: list[DeviceApplication],
                  tokenizer: Any, eos_ids: set[int], device: torch.device, matcher: Any = None) -> None:
@@ -54,6 +54,8 @@ class Sequence:
         self.prompt_logprobs: list[TokenLogprob | None] | None = None
         """Set by the engine's prefill when the request asks for them; sent with the first output."""
         self._first_sent = False
+        self.rope_delta = 0
+        """A multimodal prompt's rotary offset: a later token at position p has rotary position p + delta."""
 
     @property
     def wants_prompt_logprobs(self) -> bool:

@@ -20,6 +20,7 @@ from steering.backends.hf.hooks import DeviceApplication, SteeringBatch, Steerin
 from steering.backends.hf.kv_cache import SlotKVCache
 from steering.backends.hf.loading import LoadedModel
 from steering.backends.hf.masks import AttentionMasks
+from steering.backends.hf.vision import ImageEncoder
 from steering.spec import ResolvedApplication
 
 Rows = Sequence[Sequence[DeviceApplication]]
@@ -28,7 +29,9 @@ Rows = Sequence[Sequence[DeviceApplication]]
 class ModelRunner:
     def __init__(self, lm: LoadedModel, cache: SlotKVCache | None = None) -> None:
         self.lm = lm
-        self.base = lm.model.base_model
+        self.base = lm.backbone
+        self.images = ImageEncoder(lm) if lm.vision is not None else None
+        """A vision-language model's image features, merged embeddings and positions (None: text only)."""
         self.hooks = SteeringHooks(lm.layers)
         self.masks = AttentionMasks(lm)
         self.cache = cache
@@ -50,14 +53,17 @@ class ModelRunner:
                 inputs_embeds: torch.Tensor | None = None, keep: torch.Tensor | None = None,
                 steering: Rows | None = None, steering_key: Hashable | None = None,
                 kv: Literal["prefill", "decode"] | None = None, slot_start: int = 0,
-                capture: Callable[[int, torch.Tensor], None] | None = None, output_attentions: bool = False) -> Any:
+                capture: Callable[[int, torch.Tensor], None] | None = None, output_attentions: bool = False,
+                rope_positions: torch.Tensor | None = None) -> Any:
         """Run the decoder; return the model's output (``last_hidden_state``, ``attentions``).
 
         ``positions`` [n, L] absolute; ``prompt_lens`` [n]: each row's prompt part for steering. ``keep``
         [n, L, K]: may query see key (None: the model's own causal mask, or, for ``kv="decode"``, every written
         cache position). ``steering``: each row's applications. ``steering_key`` identifies a batch whose rows
         are all past their prompts and unchanged since the last call with that key (decode), so its steering is
-        reused. ``kv``: write the KV cache (``prefill`` into slots ``slot_start..``) or decode through it."""
+        reused. ``kv``: write the KV cache (``prefill`` into slots ``slot_start..``) or decode through it.
+        ``rope_positions``: the model's rotary positions where they are not the token positions (a
+        vision-language model's multimodal rotary positions, [3, n, L])."""
         cache = self.cache if kv is not None else None
         if kv is not None and cache is None:
             raise RuntimeError("this runner has no KV cache")
@@ -77,8 +83,8 @@ class ModelRunner:
             inputs = {"inputs_embeds": inputs_embeds} if inputs_embeds is not None else {"input_ids": input_ids}
             extra = {"output_attentions": True} if output_attentions else {}
             with self.hooks.active(step), (self.hooks.capturing(capture) if capture else contextlib.nullcontext()):
-                return self.base(**inputs, position_ids=positions, attention_mask=mask, use_cache=cache is not None,
-                                 **{self._cache_kw: cache}, **extra)
+                return self.base(**inputs, position_ids=positions if rope_positions is None else rope_positions,
+                                 attention_mask=mask, use_cache=cache is not None, **{self._cache_kw: cache}, **extra)
         finally:
             if cache is not None:
                 cache.clear_plan()
