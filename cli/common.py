@@ -102,13 +102,22 @@ def parse_layers(text: str | None, param: str = "--layers") -> list[int] | None:
 
 
 def parse_positions(text: str, param: str = "--positions"):
-    if text in ("all", "prompt", "generated"):
+    from steering.spec import POSITION_KINDS
+
+    if text in POSITION_KINDS:
         return text
     try:
         return [int(p) for p in text.split(",") if p.strip()]
     except ValueError:
-        raise typer.BadParameter(f"all, prompt, generated, or token positions such as '3,4,5'; got {text!r}",
+        raise typer.BadParameter(f"{', '.join(POSITION_KINDS)}, or token positions such as '3,4,5'; got {text!r}",
                                  param_hint=param) from None
+
+
+def local_images():
+    """What the command line's examples may show: image files anywhere (they are the user's own), data URLs."""
+    from steering.multimodal import ImageLimits
+
+    return ImageLimits(allowed_dirs=(Path("/"),))
 
 
 def parse_params(items: list[str]) -> dict:

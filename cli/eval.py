@@ -31,6 +31,7 @@ from cli.common import (
     console,
     fail,
     load,
+    local_images,
     open_store,
     parse_layers,
     parse_params,
@@ -126,7 +127,8 @@ def _emit(report, output: Path | None, markdown: Path | None, as_json: bool = Fa
 @app.command()
 def truthfulqa(
     data: Annotated[Path, typer.Option(help="TruthfulQA CSV (Question, Best Answer, Correct Answers, "
-                                            "Incorrect Answers).")],
+                                            "Incorrect Answers), or a .jsonl of preference examples (prompt, "
+                                            "preferred, dispreferred, optional image): two answers each.")],
     rows: RowsOpt = None,
     vector: VectorOpt = [],  # noqa: B006
     scale: ScaleOpt = [],  # noqa: B006
@@ -149,14 +151,18 @@ def truthfulqa(
     as_json: JsonOpt = False,
 ) -> None:
     """TruthfulQA binary, MC1 and MC2 (summed answer log-probabilities), unsteered and with each vector."""
-    from steering.datasets import parse_rows, read_truthfulqa
+    from steering.datasets import TruthfulQAItem, parse_rows, read_jsonl, read_truthfulqa
     from steering.errors import SteeringError
     from steering.tasks.evaluation import QAFormat, TruthfulQARequest, evaluate_truthfulqa
 
     try:
         if not data.is_file():
             raise typer.BadParameter(f"no such file: {data}", param_hint="--data")
-        items = read_truthfulqa(data)
+        if data.suffix.lower() == ".jsonl":  # preference examples (images allowed): two answers, the prompt verbatim
+            items = [TruthfulQAItem.from_preference(e) for e in read_jsonl(data)]
+            template = "{question}" if template == DEFAULT_QA_TEMPLATE else template
+        else:
+            items = read_truthfulqa(data)
         items = [items[i] for i in parse_rows(rows, len(items))]
         lm = load(model, device, dtype, threads)
         conditions = conditions_from_options(open_store(vector_dir, lm), vector, scale, layers, positions, normalize,
@@ -164,7 +170,8 @@ def truthfulqa(
         fmt = QAFormat(template, "chat" if chat else "raw", system_prompt)
         req = TruthfulQARequest(items, conditions, fmt, {"path": str(data), "rows": rows}, per_question)
         report = run_with_progress(f"truthfulqa ({len(items)} questions x {len(conditions) + 1} conditions)",
-                                    lambda cb: evaluate_truthfulqa(lm, req, chunk_tokens=batch_tokens, on_progress=cb))
+                                    lambda cb: evaluate_truthfulqa(lm, req, chunk_tokens=batch_tokens,
+                                                                   images=local_images(), on_progress=cb))
     except SteeringError as exc:
         fail(exc)
     _emit(report, output, markdown, as_json)

@@ -24,6 +24,7 @@ from cli.common import (
     console,
     fail,
     load,
+    local_images,
     open_store,
     out_console,
     parse_layers,
@@ -80,10 +81,11 @@ FluencyTokensOpt = Annotated[int, typer.Option(help="Tokens per fluency continua
 def _sweep_config(scales: str, layers: str | None, ranges: str | None, absolute: bool, metric: str, positions: str,
                   normalize: str, budget: float | None, fluency_prompts: int, fluency_tokens: int):
     from cli.common import parse_positions
+    from steering.spec import POSITION_KINDS
     from steering.tasks.builders import FluencyConfig, SweepConfig
 
     kinds = [p.strip() for p in positions.split(",") if p.strip()]
-    pos = kinds if kinds and all(k in ("all", "prompt", "generated") for k in kinds) else parse_positions(positions)
+    pos = kinds if kinds and all(k in POSITION_KINDS for k in kinds) else parse_positions(positions)
     if isinstance(pos, list) and len(pos) == 1 and isinstance(pos[0], str):
         pos = pos[0]
     if normalize not in ("on", "off", "both"):
@@ -133,7 +135,7 @@ def build(
     from steering.datasets import load_examples
     from steering.errors import SteeringError
     from steering.store import check_name
-    from steering.tasks.builders import BuildRequest
+    from steering.tasks.builders import BuildLimits, BuildRequest
     from steering.tasks.builders import build as run_build
 
     try:
@@ -150,8 +152,9 @@ def build(
         req = BuildRequest(examples, method, params, validation=val,
                            sweep=_sweep_config(scales, layers, layer_ranges, absolute, metric, positions, normalize,
                                                fluency_budget, fluency_prompts, fluency_tokens) if val else None)
+        limits = BuildLimits(images=local_images())
         res = run_with_progress(f"{method} ({len(examples)} examples)",
-                                lambda cb: run_build(lm, req, on_progress=cb))
+                                lambda cb: run_build(lm, req, on_progress=cb, limits=limits))
         res.vector.metadata["source"] = "build"
         res.vector.metadata["data_file"] = str(data)
         reg.put(name, res.vector, overwrite=overwrite)
@@ -198,6 +201,7 @@ def sweep(
     from steering.datasets import dataset_hash, load_examples
     from steering.errors import SteeringError
     from steering.files import atomic_write_text
+    from steering.tasks.builders import BuildLimits
     from steering.tasks.builders import sweep as run_sweep
     from steering.tasks.builders.sweep import stored_setting
 
@@ -208,7 +212,9 @@ def sweep(
         vec = reg.get(name)
         cfg = _sweep_config(scales, layers, layer_ranges, absolute, metric, positions, normalize, fluency_budget,
                             fluency_prompts, fluency_tokens)
-        res = run_with_progress(f"sweep {name}", lambda cb: run_sweep(lm, vec, examples, cfg, on_progress=cb))
+        limits = BuildLimits(images=local_images())
+        res = run_with_progress(f"sweep {name}", lambda cb: run_sweep(lm, vec, examples, cfg, on_progress=cb,
+                                                                       limits=limits))
         setting = stored_setting(res, cfg, dataset_hash(examples)) if save else None
         if setting is not None:
             reg.put(name, replace(vec, metadata={**vec.metadata, "setting": setting}), overwrite=True)

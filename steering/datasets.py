@@ -8,6 +8,8 @@ incorrect answer (the binary form GrAInS uses). Row ranges select a split (``0-1
 
 from __future__ import annotations
 
+import base64
+import binascii
 import csv
 import hashlib
 import json
@@ -25,6 +27,9 @@ class PreferenceExample:
     prompt: str
     preferred: str
     dispreferred: str
+    image: str | None = None
+    """For a vision-language model: the image the prompt shows, as a data URL or a file path (in a JSON Lines
+    file: a path relative to the file, a data URL, or bare base64)."""
 
 
 @dataclass(frozen=True)
@@ -33,9 +38,16 @@ class TruthfulQAItem:
     best: str
     correct: tuple[str, ...]
     incorrect: tuple[str, ...]
+    image: str | None = None
+    """The image the question shows (a vision-language model): a data URL or a file path."""
 
     def preference(self, template: str = DEFAULT_QA_TEMPLATE) -> PreferenceExample:
-        return PreferenceExample(template.format(question=self.question), self.best, self.incorrect[0])
+        return PreferenceExample(template.format(question=self.question), self.best, self.incorrect[0], self.image)
+
+    @classmethod
+    def from_preference(cls, e: PreferenceExample) -> TruthfulQAItem:
+        """A preference example as a two-answer question (binary = MC1): the prompt is the question."""
+        return cls(e.prompt, e.preferred, (), (e.dispreferred,), e.image)
 
 
 def parse_rows(spec: str | None, total: int) -> list[int]:
@@ -82,9 +94,29 @@ def read_truthfulqa(path: str | os.PathLike) -> list[TruthfulQAItem]:
     return items
 
 
+def _image_ref(value: object, folder: Path, where: str) -> str:
+    """An example's ``image`` as a data URL or an absolute path: a path relative to the data file, a data URL, or
+    bare base64."""
+    if not isinstance(value, str) or not value:
+        raise InvalidRequestError(f"{where}: image must be a non-empty string (a path, a data URL or base64)",
+                                  param="data")
+    if value.startswith("data:"):
+        return value
+    candidate = (folder / value).expanduser()
+    if len(value) < 4096 and candidate.is_file():
+        return str(candidate.resolve())
+    try:
+        base64.b64decode(value, validate=True)
+    except (binascii.Error, ValueError):
+        raise InvalidRequestError(f"{where}: image {value[:60]!r} is neither a file next to the data file, a data "
+                                  "URL nor base64", param="data") from None
+    return f"data:application/octet-stream;base64,{value}"
+
+
 def read_jsonl(path: str | os.PathLike) -> list[PreferenceExample]:
     out = []
     fields = {"prompt", "preferred", "dispreferred"}
+    folder = Path(path).parent
     with open(path, encoding="utf-8") as fh:
         for n, line in enumerate(fh, 1):
             if not line.strip():
@@ -93,14 +125,15 @@ def read_jsonl(path: str | os.PathLike) -> list[PreferenceExample]:
                 obj = json.loads(line)
             except json.JSONDecodeError as exc:
                 raise InvalidRequestError(f"{path}:{n}: not JSON: {exc.msg}", param="data") from None
-            if not isinstance(obj, dict) or set(obj) != fields:
+            if not isinstance(obj, dict) or not fields <= set(obj) <= fields | {"image"}:
                 got = sorted(obj) if isinstance(obj, dict) else type(obj).__name__
-                raise InvalidRequestError(f"{path}:{n}: each line needs exactly the fields {sorted(fields)}; "
-                                             f"got {got}", param="data")
+                raise InvalidRequestError(f"{path}:{n}: each line needs exactly the fields {sorted(fields)} (and "
+                                          f"optionally image); got {got}", param="data")
             if not all(isinstance(obj[f], str) and obj[f] for f in fields):
                 raise InvalidRequestError(f"{path}:{n}: prompt, preferred and dispreferred must be non-empty "
                                              "strings", param="data")
-            out.append(PreferenceExample(obj["prompt"], obj["preferred"], obj["dispreferred"]))
+            image = _image_ref(obj["image"], folder, f"{path}:{n}") if obj.get("image") is not None else None
+            out.append(PreferenceExample(obj["prompt"], obj["preferred"], obj["dispreferred"], image))
     return out
 
 
@@ -120,6 +153,8 @@ def load_examples(path: str | os.PathLike, rows: str | None = None,
 
 
 def dataset_hash(examples: list[PreferenceExample]) -> str:
-    """sha256 of the examples' canonical JSON: two builds from the same data carry the same hash."""
-    blob = json.dumps([asdict(e) for e in examples], ensure_ascii=False, sort_keys=True).encode()
+    """sha256 of the examples' canonical JSON: two builds from the same data carry the same hash (an example
+    without an image hashes as it did before images existed)."""
+    rows = [{k: v for k, v in asdict(e).items() if not (k == "image" and v is None)} for e in examples]
+    blob = json.dumps(rows, ensure_ascii=False, sort_keys=True).encode()
     return "sha256:" + hashlib.sha256(blob).hexdigest()

@@ -153,7 +153,7 @@ def load_images(urls: Sequence[str], limits: ImageLimits, params: Sequence[str])
 class PromptImage:
     """One image in a prompt."""
 
-    tensors: Mapping[str, Any] = field(repr=False)
+    tensors: Mapping[str, Any] = field(repr=False, compare=False)
     """The image processor's outputs for this image alone (``pixel_values``, ``image_grid_thw``, ...), on CPU."""
     positions: tuple[int, ...]
     """Absolute positions of the tokens its features replace, in order."""

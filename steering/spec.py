@@ -261,11 +261,16 @@ def resolve(spec: SteeringSpec, *, hidden_size: int, num_layers: int, max_len: i
     return ResolvedSteering(tuple(out))
 
 
+def uses_images(applications: Sequence[ResolvedApplication]) -> bool:
+    """Whether any application acts at ``image`` positions (bound per prompt by :func:`bind_images`)."""
+    return any(a.positions == "image" for a in applications)
+
+
 def bind_images(steering: ResolvedSteering, positions: Sequence[int],
                 param: str = "steering.vectors") -> ResolvedSteering:
     """A request's steering with ``image`` positions replaced by the absolute positions of its prompt's image
     tokens; SteeringValidationError when it has none."""
-    if not any(a.positions == "image" for a in steering.applications):
+    if not uses_images(steering.applications):
         return steering
     if not positions:
         i = next(i for i, a in enumerate(steering.applications) if a.positions == "image")

@@ -75,6 +75,22 @@ class RankedToken(BaseModel):
     score: float
 
 
+class ImageGrid(BaseModel):
+    """One image's token scores, laid out as the model lays its tokens out: ``scores[r][c]`` belongs to the patch in
+    row r, column c of the picture (draw it over the picture as a heatmap)."""
+
+    image: int
+    """Its index among the prompt's images."""
+    rows: int
+    columns: int
+    width: int
+    height: int
+    """The picture's size in pixels."""
+    positions: list[int]
+    """The prompt positions of its tokens (their scores are also in ``input_tokens``)."""
+    scores: list[list[float]]
+
+
 class AttributionCost(BaseModel):
     forward_passes: int
     backward_passes: int
@@ -101,6 +117,8 @@ class AttributionResponse(BaseModel):
     generated_target: bool
     input_tokens: list[AttributedToken]
     """Prompt tokens with their total score (summed over target tokens for ``per_token``)."""
+    images: list[ImageGrid] = []
+    """Per image of the prompt, its tokens' scores as a patch grid."""
     target: list[TargetToken] | None = None
     preferred: list[TargetToken] | None = None
     dispreferred: list[TargetToken] | None = None

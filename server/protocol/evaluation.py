@@ -36,10 +36,13 @@ class TruthfulQAQuestion(Strict):
     best_answer: Annotated[str, Field(min_length=1)]
     correct_answers: list[Annotated[str, Field(min_length=1)]] = Field(default_factory=list)
     incorrect_answers: Annotated[list[Annotated[str, Field(min_length=1)]], Field(min_length=1)]
+    image: Annotated[str, Field(min_length=1)] | None = None
+    """For a vision-language model: the image the question shows (a data URL, or a file in the server's image
+    directories); every answer is scored given it."""
 
     def to_core(self) -> TruthfulQAItem:
         return TruthfulQAItem(self.question, self.best_answer, tuple(self.correct_answers),
-                              tuple(self.incorrect_answers))
+                              tuple(self.incorrect_answers), self.image)
 
 
 TEMPLATE = r"^(?:[^{}]|\{\{|\}\})*\{question\}(?:[^{}]|\{\{|\}\}|\{question\})*$"

@@ -71,9 +71,12 @@ class PreferenceExampleIn(Strict):
     prompt: Annotated[str, Field(min_length=1)]
     preferred: Annotated[str, Field(min_length=1)]
     dispreferred: Annotated[str, Field(min_length=1)]
+    image: Annotated[str, Field(min_length=1)] | None = None
+    """For a vision-language model: the image the prompt shows, a data URL (or a file in the server's image
+    directories); checked like a chat request's images."""
 
     def to_core(self) -> PreferenceExample:
-        return PreferenceExample(self.prompt, self.preferred, self.dispreferred)
+        return PreferenceExample(self.prompt, self.preferred, self.dispreferred, self.image)
 
 
 def examples(items: list[PreferenceExampleIn]) -> list[PreferenceExample]:

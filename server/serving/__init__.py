@@ -88,7 +88,7 @@ def build_services(settings: ServerSettings, backend: GenerationBackend,
     if host.mode == "self":
         host.load()
     limits = builders.BuildLimits(max_examples=settings.build_max_examples,
-                                  max_sweep_rows=settings.build_max_sweep_rows)
+                                  max_sweep_rows=settings.build_max_sweep_rows, images=backend.limits.images)
     submitter = Submitter(backend, metrics)
     return Services(
         backend=backend, store=store, metrics=metrics, submitter=submitter, models=models,

@@ -27,6 +27,7 @@ from server.serving.threads import prepare, tokenize
 from steering.engine.base import GenerationBackend
 from steering.engine.handles import JobHandle
 from steering.errors import InvalidRequestError, RequestFailedError
+from steering.multimodal import PromptImage, load_message_images
 from steering.sampling import SamplingParams
 from steering.spec import SteeringSpec
 from steering.tasks import attribution as attr
@@ -51,12 +52,13 @@ class AttributionService:
             for m in attr.METHODS
         ])
 
-    def _prompt_ids(self, req: AttributionRequest) -> list[int]:
+    def _prompt(self, req: AttributionRequest) -> tuple[list[int], tuple[PromptImage, ...]]:
         if req.prompt is not None:
             if not req.prompt:
                 raise InvalidRequestError("the prompt is empty", param="prompt")
-            return self.inputs.encode_text(req.prompt, add_special_tokens=req.add_special_tokens)
-        return self.inputs.encode_chat(chat_messages(req.messages or []))
+            return self.inputs.encode_text(req.prompt, add_special_tokens=req.add_special_tokens), ()
+        messages = load_message_images(chat_messages(req.messages or []), self.backend.limits.images)
+        return self.inputs.encode_chat_prompt(messages)
 
     def _encode_target(self, text: str, param: str) -> list[int]:
         ids = self.inputs.encode_continuation(text)
@@ -64,11 +66,11 @@ class AttributionService:
             raise InvalidRequestError(f"'{param}' encodes to no tokens", param=param)
         return ids
 
-    async def _generate_target(self, ids: list[int], max_tokens: int,
-                               spec: SteeringSpec | None) -> tuple[list[int], float]:
+    async def _generate_target(self, ids: list[int], max_tokens: int, spec: SteeringSpec | None,
+                               images: tuple[PromptImage, ...] = ()) -> tuple[list[int], float]:
         t0 = time.monotonic()
         sampling = SamplingParams(max_tokens=min(max_tokens, self.limits.max_target_tokens), temperature=0.0)
-        sub = self.submitter.submit(ids, [sampling], spec)
+        sub = self.submitter.submit(ids, [sampling], spec, images=images)
         out: list[int] = []
         async for res in self.submitter.stream(sub.handles[0]):
             out.extend(res.token_ids)
@@ -83,7 +85,7 @@ class AttributionService:
         self.models.check(req.model)
         texts = [req.prompt] if req.prompt is not None else [m.text() for m in req.messages or []]
         self.backend.limits.check_text(texts, "prompt" if req.prompt is not None else "messages")
-        ids = await tokenize(self._prompt_ids, req)
+        ids, images = await tokenize(self._prompt, req)
         spec = req.steering.to_core() if req.steering is not None else None
         generated, gen_seconds = False, 0.0
         if req.contrast is not None:
@@ -94,11 +96,11 @@ class AttributionService:
                 cont = self._encode_target(req.target, "target")
             else:
                 attr.check_method(req.method, req.params, req.reduction, self.limits)  # before generating
-                cont, gen_seconds = await self._generate_target(ids, req.max_tokens or 16, spec)
+                cont, gen_seconds = await self._generate_target(ids, req.max_tokens or 16, spec, images)
                 generated = True
             target = (attr.AttributionTarget.per_token if req.per_token
                       else attr.AttributionTarget.continuation)(cont)
-        core = attr.AttributionRequest(ids, target, req.method, req.params, req.reduction, spec)
+        core = attr.AttributionRequest(ids, target, req.method, req.params, req.reduction, spec, images)
         prep = await prepare(attr.prepare, self.backend, core, self.limits)
         handle = self.jobs.start("attribution", prep.work)
         status = "error"
@@ -135,6 +137,7 @@ class AttributionService:
         body: dict[str, Any] = dict(
             model=self.models.name, method=res.method, params=res.params, reduction=res.reduction,
             target_type=res.target.kind, generated_target=generated, input_tokens=inputs,
+            images=res.image_grids(),
             objective=res.objective, top_positive=ranked(res.top(req.top_k)),
             top_negative=ranked(res.top(req.top_k, negative=True)), info=res.info, cost=cost, steering=applied,
         )

@@ -37,7 +37,7 @@ class EvaluationService:
     async def submit(self, req: EvaluationRequest, owner: Principal) -> JobInfo:
         if isinstance(req, TruthfulQAEvaluation):
             prep = await prepare(ev.prepare_truthfulqa, self.backend, req.to_core(self.store.get),
-                                 max_rows=self.max_scored_rows)
+                                 max_rows=self.max_scored_rows, images=self.backend.limits.images)
             return self.jobs.submit("evaluation_truthfulqa", prep.work, _report, owner)
         steer = await prepare(ev.prepare_steer, self.backend, req.to_core(self.store.get),
                               max_prompts=self.max_prompts)

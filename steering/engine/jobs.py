@@ -58,6 +58,11 @@ class JobContext(ABC):
     handle: JobHandle[Any]
     chunk_tokens: int
     """Token budget of one chunk: rows x sequence length of one forward (and its backward)."""
+    vision: Any = None
+    """A vision-language model's images (None: text only): ``features(image)`` [tokens, hidden],
+    ``prompt_rope(ids, images)`` (multimodal rotary positions and the offset of later tokens), and ``front``
+    (:class:`steering.vision.VisionFront`: ``mrope``, ``bidirectional``). :mod:`steering.tasks.scoring` builds
+    packed rows' inputs from them."""
 
     @property
     def cancelled(self) -> bool:
@@ -70,14 +75,16 @@ class JobContext(ABC):
     @abstractmethod
     def forward(self, *, positions: Any, prompt_lens: Any, input_ids: Any = None, inputs_embeds: Any = None,
                 keep: Any = None, steering: Sequence[Any] | None = None,
-                capture: Callable[[int, Any], None] | None = None, output_attentions: bool = False) -> Any:
+                capture: Callable[[int, Any], None] | None = None, output_attentions: bool = False,
+                rope_positions: Any = None) -> Any:
         """One forward of the decoder with per-row steering; returns the model's output
         (``last_hidden_state``, and ``attentions`` when asked).
 
         ``positions`` [n, L] absolute; ``prompt_lens`` [n] (the part steering treats as the prompt); token ids
         or embeddings [n, L(, d)]; ``keep`` [n, L, L] "query may see key" (None: causal); ``steering`` one
         entry of :meth:`steering` per row (empty: unsteered); ``capture(layer, hidden)`` sees every decoder
-        layer's output after steering."""
+        layer's output after steering; ``rope_positions`` the model's rotary positions where they are not
+        ``positions`` (multimodal, [3, n, L])."""
 
 
 Work = Callable[[JobContext], Generator[Progress | None, Any, T]]

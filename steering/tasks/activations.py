@@ -14,7 +14,7 @@ import torch
 
 from steering.engine.jobs import JobContext, Progress
 from steering.tasks.packing import Segment, pack
-from steering.tasks.scoring import chunks, packed_forward
+from steering.tasks.scoring import chunks, packed_embeddings, packed_forward
 
 
 def collect(ctx: JobContext, rows: Sequence[Sequence[Segment]], groups: Sequence[Sequence[Sequence[int]]],
@@ -56,7 +56,7 @@ def collect(ctx: JobContext, rows: Sequence[Sequence[Segment]], groups: Sequence
 
         embeds = None
         if replace is not None and any(replace[0][i] for i in idx):
-            embeds = lm.model.get_input_embeddings()(batch.ids).detach().clone()
+            embeds = packed_embeddings(ctx, batch).clone()
             for r, i in enumerate(idx):
                 if replace[0][i]:
                     embeds[r, torch.tensor(list(replace[0][i]), device=lm.device)] = replace[1].to(embeds.dtype)

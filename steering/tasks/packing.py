@@ -14,15 +14,19 @@ additive masks (with its sliding windows).
 from __future__ import annotations
 
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import torch
+
+from steering.multimodal import PromptImage
 
 
 @dataclass
 class Segment:
     ids: Sequence[int]
     parent: int | None = None
+    images: tuple[PromptImage, ...] = ()
+    """Images in this segment (a vision-language prompt), their positions counted from the segment's start."""
 
 
 @dataclass
@@ -33,6 +37,17 @@ class PackedBatch:
     lengths: list[int]  # real tokens per row
     prompt_lens: torch.Tensor  # [n]: the root segment's length (steering's "prompt" part)
     starts: list[list[int]]  # per row: each segment's first index in the row
+    rows: Sequence[Sequence[Segment]] = ()  # the packed rows themselves
+    roots: list[list[int]] = field(default_factory=list)  # per row: each segment's root segment
+
+    @property
+    def has_images(self) -> bool:
+        return any(seg.images for segs in self.rows for seg in segs)
+
+    def images(self) -> list[list[PromptImage]]:
+        """Per row, every image at its index in the row."""
+        return [[im.shifted(self.starts[r][j]) for j, seg in enumerate(segs) for im in seg.images]
+                for r, segs in enumerate(self.rows)]
 
     def last_index(self, row: int, seg: int, rows_segments: list[list[Segment]]) -> int:
         return self.starts[row][seg] + len(rows_segments[row][seg].ids) - 1
@@ -48,12 +63,14 @@ def pack(rows: Sequence[Sequence[Segment]], pad_id: int, device: torch.device) -
     seg_of = torch.full((n, L), -1, dtype=torch.long)
     keep = torch.zeros(n, L, L, dtype=torch.bool)
     starts: list[list[int]] = []
+    roots: list[list[int]] = []
     prompt_lens = []
     for r, segs in enumerate(rows):
         at = 0
         row_starts: list[int] = []
         ends: list[int] = []
         ancestors: list[list[int]] = []
+        row_roots: list[int] = []
         for j, seg in enumerate(segs):
             k = len(seg.ids)
             if seg.parent is not None and not 0 <= seg.parent < j:
@@ -64,6 +81,7 @@ def pack(rows: Sequence[Sequence[Segment]], pad_id: int, device: torch.device) -
             seg_of[r, at:at + k] = j
             anc = ([seg.parent] + ancestors[seg.parent]) if seg.parent is not None else []
             ancestors.append(anc)
+            row_roots.append(anc[-1] if anc else j)
             # Causal within the segment, and everything of every ancestor segment.
             keep[r, at:at + k, at:at + k] = torch.ones(k, k, dtype=torch.bool).tril_()
             for a in anc:
@@ -75,14 +93,16 @@ def pack(rows: Sequence[Sequence[Segment]], pad_id: int, device: torch.device) -
         for t in range(at, L):  # padding sees itself only
             keep[r, t, t] = True
         starts.append(row_starts)
+        roots.append(row_roots)
         prompt_lens.append(len(segs[0].ids))
     return PackedBatch(ids.to(device), pos.to(device), keep.to(device), lengths,
-                       torch.tensor(prompt_lens, device=device), starts)
+                       torch.tensor(prompt_lens, device=device), starts, rows, roots)
 
 
-def answer_rows(prompt: Sequence[int], answers: Sequence[Sequence[int]]) -> list[Segment]:
-    """One prompt with each answer as a child continuation."""
-    return [Segment(prompt)] + [Segment(a, 0) for a in answers]
+def answer_rows(prompt: Sequence[int], answers: Sequence[Sequence[int]],
+                images: tuple[PromptImage, ...] = ()) -> list[Segment]:
+    """One prompt (with its images) and each answer as a child continuation."""
+    return [Segment(prompt, images=images)] + [Segment(a, 0) for a in answers]
 
 
 def targets(batch: PackedBatch, rows: Sequence[Sequence[Segment]]):

@@ -15,17 +15,71 @@ from typing import Any
 import torch
 
 from steering.engine.jobs import JobContext, Progress
+from steering.multimodal import PromptImage, image_positions
+from steering.spec import ResolvedApplication, ResolvedSteering, bind_images
 from steering.tasks.packing import PackedBatch, Segment, answer_rows, pack, targets
+
+
+def item_steering(ctx: JobContext, applications: Sequence[ResolvedApplication],
+                  images: tuple[PromptImage, ...]) -> Any:
+    """One prompt's steering when its applications act at ``image`` positions (bound to that prompt's images)."""
+    return ctx.steering(bind_images(ResolvedSteering(tuple(applications)), image_positions(images)).applications)
+
+
+def packed_embeddings(ctx: JobContext, batch: PackedBatch) -> torch.Tensor:
+    """Input embeddings [n, L, d] of a packed batch: its tokens' embeddings, with each image's features in its
+    tokens' places (a vision-language prompt). Detached: gradient work interpolates from here."""
+    emb = ctx.lm.model.get_input_embeddings()(batch.ids).detach()
+    if not batch.has_images:
+        return emb
+    emb = emb.clone()
+    for r, images in enumerate(batch.images()):
+        for im in images:
+            emb[r, torch.tensor(im.positions, device=emb.device)] = ctx.vision.features(im).to(emb.dtype)
+    return emb
+
+
+def packed_layout(ctx: JobContext, batch: PackedBatch) -> tuple[torch.Tensor | None, torch.Tensor]:
+    """A packed batch's rotary positions (None: its token positions) and "query may see key" tensor, where its
+    images change them: multimodal rotary positions (each root with images and everything below it) and
+    attention inside each image in both directions, as the model's own forward would set them."""
+    if not batch.has_images:
+        return None, batch.keep
+    front = ctx.vision.front
+    keep, rope = batch.keep, None
+    if front.bidirectional:
+        keep = keep.clone()
+        for r, images in enumerate(batch.images()):
+            for im in images:
+                idx = torch.tensor(im.positions, device=keep.device)
+                keep[r, idx.unsqueeze(1), idx.unsqueeze(0)] = True
+    if front.mrope:
+        rope = batch.positions.unsqueeze(0).expand(3, -1, -1).clone()
+        for r, segs in enumerate(batch.rows):
+            for j, seg in enumerate(segs):
+                if seg.images and batch.roots[r][j] == j:
+                    p, delta = ctx.vision.prompt_rope(seg.ids, seg.images)
+                    for k, root in enumerate(batch.roots[r]):
+                        if root == j:
+                            a = batch.starts[r][k]
+                            rope[:, r, a:a + len(segs[k].ids)] += delta
+                    a = batch.starts[r][j]
+                    rope[:, r, a:a + len(seg.ids)] = p
+    return rope, keep
 
 
 def packed_forward(ctx: JobContext, batch: PackedBatch, *, embeds: torch.Tensor | None = None,
                    apps: Sequence[Sequence[Any]] | None = None,
                    capture: Callable[[int, torch.Tensor], None] | None = None) -> torch.Tensor:
-    """Run the decoder over a packed batch (token ids, or ``embeds`` [n, L, d] for gradient work) with
-    per-row steering ``apps`` (each from ``ctx.steering``); return the last hidden states [n, L, d]."""
+    """Run the decoder over a packed batch (token ids, or ``embeds`` [n, L, d] for gradient work; with images,
+    :func:`packed_embeddings` when none are given) with per-row steering ``apps`` (each from ``ctx.steering``);
+    return the last hidden states [n, L, d]."""
+    rope, keep = packed_layout(ctx, batch)
+    if embeds is None and batch.has_images:
+        embeds = packed_embeddings(ctx, batch)
     out = ctx.forward(positions=batch.positions, prompt_lens=batch.prompt_lens,
-                      input_ids=None if embeds is not None else batch.ids, inputs_embeds=embeds, keep=batch.keep,
-                      steering=apps, capture=capture)
+                      input_ids=None if embeds is not None else batch.ids, inputs_embeds=embeds, keep=keep,
+                      steering=apps, capture=capture, rope_positions=rope)
     return out.last_hidden_state
 
 
@@ -64,11 +118,13 @@ class ScoredItem:
 
 
 def score_answers(ctx: JobContext, items: Sequence[tuple[Sequence[int], Sequence[Sequence[int]]]],
-                  apps: Sequence[Sequence[Any]] | None = None, stage: str = "scoring"):
+                  apps: Sequence[Sequence[Any]] | None = None, stage: str = "scoring",
+                  images: Sequence[tuple[PromptImage, ...]] | None = None):
     """Job generator: for each (prompt ids, [answer ids, ...]) the answers' summed log-probabilities, with the
-    item's steering ``apps[i]`` (from ``ctx.steering``; empty: unsteered). Returns list[ScoredItem]; yields once
-    per chunk."""
-    rows: list[list[Segment]] = [answer_rows(p, answers) for p, answers in items]
+    item's steering ``apps[i]`` (from ``ctx.steering``; empty: unsteered) and its prompt's ``images[i]``.
+    Returns list[ScoredItem]; yields once per chunk."""
+    rows: list[list[Segment]] = [answer_rows(p, answers, images[i] if images else ())
+                                 for i, (p, answers) in enumerate(items)]
     lengths = [sum(len(s.ids) for s in r) for r in rows]
     out: list[ScoredItem | None] = [None] * len(rows)
     done = 0

@@ -4,6 +4,7 @@ every bad image refused alone with a 400 that names it."""
 from __future__ import annotations
 
 import io
+import time
 
 import httpx
 import openai
@@ -148,3 +149,61 @@ def test_a_text_model_refuses_images_with_a_400(server, model_name):
         "messages": user(image_part(data_url(random_image(1))), text_part("What is this?"))})
     assert r.status_code == 400
     assert "does not take images" in r.json()["error"]["message"]
+
+
+def _job(url: str, job_id: str) -> dict:
+    deadline = time.time() + 120
+    while time.time() < deadline:
+        job = httpx.get(f"{url}/v1/jobs/{job_id}").json()
+        if job["status"] in ("succeeded", "failed", "cancelled"):
+            return job
+        time.sleep(0.05)
+    raise AssertionError(f"job {job_id} did not finish")
+
+
+def test_attribution_over_an_image_returns_its_patch_grid(vision):
+    url, _, lm, _ = vision
+    r = httpx.post(url + "/v1/attributions", json={
+        "model": lm.name, "messages": user(image_part(data_url(random_image(2))), text_part("What is this?")),
+        "contrast": {"preferred": "a cat", "dispreferred": "a dog"}, "method": "integrated_gradients",
+        "params": {"n_steps": 8}})
+    assert r.status_code == 200, r.text
+    body = r.json()
+    [grid] = body["images"]
+    assert (grid["rows"], grid["columns"], grid["width"], grid["height"]) == (4, 4, 40, 30)
+    scores = {t["position"]: t["score"] for t in body["input_tokens"]}
+    assert [x for row in grid["scores"] for x in row] == [scores[p] for p in grid["positions"]]
+    assert all(not t["special"] for t in body["input_tokens"] if t["position"] in grid["positions"])
+    bad = httpx.post(url + "/v1/attributions", json={
+        "model": lm.name, "messages": user(image_part("https://example.com/x.png"), text_part("Hi")),
+        "target": "a cat"})
+    assert bad.status_code == 400 and bad.json()["error"]["param"] == "messages[0].content[0].image_url"
+
+
+def test_builds_sweeps_and_evaluations_take_image_examples_over_http(vision):
+    url, _, lm, _ = vision
+    examples = [{"prompt": "Describe the picture.", "preferred": p, "dispreferred": n,
+                 "image": data_url(random_image(20 + i))}
+                for i, (p, n) in enumerate([("bright", "dark"), ("happy", "sad"), ("calm", "stormy")])]
+    r = httpx.post(url + "/v1/steering/vectors/build", json={
+        "name": "picture", "method": "caa", "examples": examples, "params": {"prompt_format": "chat"},
+        "validation": examples, "sweep": {"scales": [0.5, 1], "layers": [1], "positions": ["image", "all"]}})
+    assert r.status_code == 202, r.text
+    job = _job(url, r.json()["id"])
+    assert job["status"] == "succeeded", job
+    assert {row["positions"] for row in job["result"]["sweep"]["table"]} == {"image", "all"}
+    questions = [{"question": e["prompt"], "best_answer": e["preferred"], "incorrect_answers": [e["dispreferred"]],
+                  "image": e["image"]} for e in examples]
+    r = httpx.post(url + "/v1/evaluations", json={
+        "type": "truthfulqa", "questions": questions, "template": "{question}", "prompt_format": "chat",
+        "conditions": [{"label": "img", "steering": {"vectors": [{"name": "picture", "scale": 4, "layers": [1],
+                                                                  "positions": "image"}]}}]})
+    assert r.status_code == 202, r.text
+    job = _job(url, r.json()["id"])
+    assert job["status"] == "succeeded", job
+    rows = job["result"]["report"]["conditions"]
+    assert [c["label"] for c in rows][1:] == ["img"] and rows[0]["metrics"]["binary"] == \
+        job["result"]["report"]["conditions"][0]["metrics"]["mc1"]  # two answers: binary is MC1
+    bad = dict(examples[0], image="data:image/png;base64,AAAA")
+    r = httpx.post(url + "/v1/steering/vectors/build", json={"name": "bad", "method": "caa", "examples": [bad]})
+    assert r.status_code == 400 and r.json()["error"]["param"] == "examples[0].image"

@@ -28,6 +28,7 @@ class HFJobContext(JobContext):
         self.lm: LoadedModel = runner.lm
         self.handle = handle
         self.chunk_tokens = chunk_tokens
+        self.vision = runner.images
 
     def steering(self, applications: Sequence[ResolvedApplication]) -> list[DeviceApplication]:
         return self.runner.device_steering(applications)
@@ -35,10 +36,10 @@ class HFJobContext(JobContext):
     def forward(self, *, positions: torch.Tensor, prompt_lens: torch.Tensor, input_ids: torch.Tensor | None = None,
                 inputs_embeds: torch.Tensor | None = None, keep: torch.Tensor | None = None,
                 steering: Sequence[Any] | None = None, capture: Callable[[int, torch.Tensor], None] | None = None,
-                output_attentions: bool = False) -> Any:
+                output_attentions: bool = False, rope_positions: torch.Tensor | None = None) -> Any:
         return self.runner.forward(positions=positions, prompt_lens=prompt_lens, input_ids=input_ids,
                                    inputs_embeds=inputs_embeds, keep=keep, steering=steering, capture=capture,
-                                   output_attentions=output_attentions)
+                                   output_attentions=output_attentions, rope_positions=rope_positions)
 
 
 class JobRun:

@@ -18,7 +18,8 @@ import torch
 from steering.engine.base import ModelFront, resolve_for
 from steering.engine.jobs import JobContext, Progress
 from steering.errors import InvalidRequestError
-from steering.spec import ResolvedSteering, SteeringSpec
+from steering.multimodal import PromptImage, image_positions
+from steering.spec import ResolvedSteering, SteeringSpec, bind_images
 from steering.tasks.attribution.registry import AttributionMethod, MethodParams, get_method, parse_params
 from steering.tasks.attribution.runner import Cost, Runner
 from steering.tasks.attribution.targets import AttributionTarget
@@ -55,6 +56,8 @@ class AttributionRequest:
     reduction: Reduction | None = None
     """Gradient methods only: ``sum`` (signed sum over the hidden dimension, the default) or ``l2``."""
     steering: SteeringSpec | None = None
+    images: tuple[PromptImage, ...] = ()
+    """The prompt's images (a vision-language model): text and image tokens are attributed together."""
 
 
 @dataclass
@@ -71,11 +74,25 @@ class AttributionResult:
     objective: list[float]
     """Each objective's value under the real prompt."""
     special: list[bool]
-    """Per prompt token: is it a special token (BOS, chat-template markers...)?"""
+    """Per prompt token: is it a special token (BOS, chat-template markers...)? Image tokens are not."""
     info: dict[str, Any]
     cost: Cost
     seconds: float
     """Wall time from the first chunk to the last (including generation steps in between)."""
+    images: tuple[PromptImage, ...] = ()
+
+    def image_grids(self) -> list[dict[str, Any]]:
+        """Per image, its tokens' total scores laid out as the model lays them out (rows x columns), with the
+        positions and the picture's size: what a client draws as a heatmap over the picture."""
+        totals = self.totals.tolist()
+        out = []
+        for k, im in enumerate(self.images):
+            rows, cols = im.grid
+            flat = [totals[p] for p in im.positions[len(im.positions) - rows * cols:]]
+            out.append({"image": k, "rows": rows, "columns": cols, "width": im.size[0], "height": im.size[1],
+                        "positions": list(im.positions),
+                        "scores": [flat[r * cols:(r + 1) * cols] for r in range(rows)]})
+        return out
 
     @property
     def totals(self) -> torch.Tensor:
@@ -150,14 +167,21 @@ def prepare(model: ModelFront, request: AttributionRequest,
         raise InvalidRequestError(
             f"prompt and continuation need {len(ids) + target.max_len} tokens; the model allows {limit}",
             param="prompt")
+    at = image_positions(request.images)
+    if request.images and (not info.vision or any(not 0 <= p < len(ids) for p in at)):
+        raise InvalidRequestError("this model does not take images" if not info.vision else
+                                  "the images' positions are outside the prompt", param="messages")
     steering = resolve_for(model, request.steering) if request.steering is not None else None
+    if steering is not None:
+        steering = bind_images(steering, at)
     return PreparedAttribution(request, method, params, reduction, steering)
 
 
 def _run(prep: PreparedAttribution, ctx: JobContext):
     t0 = time.monotonic()
     req = prep.request
-    runner = Runner(ctx, req.prompt_ids, req.target, prep.steering.applications if prep.steering else ())
+    runner = Runner(ctx, req.prompt_ids, req.target, prep.steering.applications if prep.steering else (),
+                    req.images)
     lp, _ = runner.token_stats(runner.prompt.unsqueeze(0))  # [1, C, T]
     objective = torch.einsum("ct,kct->k", lp[0], runner.W).tolist()
     token_logprobs = [lp[0, c, : n].tolist() for c, n in enumerate(runner.lengths)]
@@ -167,11 +191,13 @@ def _run(prep: PreparedAttribution, ctx: JobContext):
     if scores.dim() == 3:  # gradient methods: reduce the hidden dimension
         scores = scores.sum(-1) if prep.reduction == "sum" else torch.linalg.vector_norm(scores, dim=-1)
     special_ids = ctx.lm.special_token_ids
+    image_at = set(image_positions(req.images))  # image tokens are content, not markup
     return AttributionResult(
         method=prep.method.name, params=prep.params.model_dump(), target=req.target, reduction=prep.reduction,
         prompt_ids=list(req.prompt_ids), scores=scores.cpu(), token_logprobs=token_logprobs, objective=objective,
-        special=[t in special_ids for t in req.prompt_ids], info=out.info, cost=runner.cost,
-        seconds=time.monotonic() - t0,
+        special=[t in special_ids and i not in image_at for i, t in enumerate(req.prompt_ids)], info=out.info,
+        cost=runner.cost,
+        seconds=time.monotonic() - t0, images=req.images,
     )
 
 

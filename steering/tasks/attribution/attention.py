@@ -34,9 +34,9 @@ def eager_attention(model):
 
 def _attentions(runner, c: int) -> tuple[torch.Tensor, ...]:
     """Per-layer attention [H, L, L] of the prompt followed by continuation ``c``."""
-    ids = torch.cat([runner.prompt, runner.conts[c][:-1]]).unsqueeze(0)
+    embeds = torch.cat([runner.prompt_embeds, runner.embed(runner.conts[c][:-1])]).unsqueeze(0)
     with eager_attention(runner.lm.model):
-        out = runner.forward(runner.embed(ids), runner.P, output_attentions=True)
+        out = runner.forward(embeds, runner.P, output_attentions=True)
     return tuple(a[0].to(runner.acc_dtype) for a in out.attentions)
 
 

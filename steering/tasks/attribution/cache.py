@@ -3,7 +3,7 @@
 integrated gradients.
 
 A row's scores are keyed by everything they depend on: the model (its name, dtype, device and a sample of every
-parameter's values), the row's segments (token ids and parents), the objective's weights and the attribution
+parameter's values), the row's segments (token ids, parents and images), the objective's weights and the attribution
 settings (points, rule, baseline, resolved precision). Entries live in memory, bounded, least recently used first
 out; with a ``directory`` also on disk, one small file each written atomically, so that a later process (a sweep
 of builds from a script) reuses them. A damaged file is a miss.
@@ -48,7 +48,9 @@ def model_fingerprint(lm) -> str:
 
 
 def row_key(fingerprint: str, row: Sequence[Segment], weights: Sequence[float], settings: dict[str, Any]) -> str:
-    payload = json.dumps({"model": fingerprint, "segments": [[[int(t) for t in s.ids], s.parent] for s in row],
+    payload = json.dumps({"model": fingerprint, "segments": [[[int(t) for t in s.ids], s.parent] +
+                                                             ([[[im.digest, list(im.positions)] for im in s.images]]
+                                                              if s.images else []) for s in row],
                           "weights": [float(w) for w in weights], "settings": settings}, sort_keys=True)
     return hashlib.sha256(payload.encode()).hexdigest()
 

@@ -91,7 +91,7 @@ class IntegratedGradients(AttributionMethod):
     summary = "(x - x') times the path integral of the gradient from a baseline x' (zeros or pad embedding)"
 
     def run(self, runner, params: IGParams):
-        x = runner.embed(runner.prompt).detach()  # [P, d]
+        x = runner.prompt_embeds  # [P, d] (an image token's: its feature)
         if params.baseline == "zeros":
             base = torch.zeros_like(x)
         else:
@@ -118,7 +118,7 @@ class _GradientAtInput(AttributionMethod):
     times_input = False
 
     def run(self, runner, params):
-        x = runner.embed(runner.prompt).detach()
+        x = runner.prompt_embeds
         acc = yield from path_gradients(runner, torch.ones(1), torch.ones(1), x, torch.zeros_like(x))
         return MethodOutput(acc * x.to(acc.dtype) if self.times_input else acc)
 

@@ -29,16 +29,20 @@ class Occlusion(AttributionMethod):
 
     def run(self, runner, params: OcclusionParams):
         P = runner.P
-        prompt = runner.prompt
+        x = runner.prompt_embeds  # [P, d]: an image token's embedding is its feature
         if params.mode == "remove" and P < 2:
             raise InvalidRequestError("occlusion by removal needs a prompt of at least 2 tokens",
                                          param="params.mode")
-        f_x = runner.objectives(prompt.unsqueeze(0))[0]  # [K]
-        keep = ~torch.eye(P, dtype=torch.bool, device=prompt.device)
+        if params.mode == "remove" and runner.fixed_length:
+            raise InvalidRequestError("this prompt's images set its rotary positions or attention, which removing "
+                                      "a token would move; use mode 'replace'", param="params.mode")
+        f_x = runner.objectives(x.unsqueeze(0))[0]  # [K]
+        keep = ~torch.eye(P, dtype=torch.bool, device=x.device)
         if params.mode == "remove":
-            variants = prompt.expand(P, P)[keep].view(P, P - 1)
+            variants = x.expand(P, P, -1)[keep].view(P, P - 1, x.shape[-1])
         else:
-            variants = torch.where(keep, prompt.expand(P, P), torch.full_like(prompt, runner.pad_id))
+            pad = runner.embed(torch.tensor([runner.pad_id], device=x.device))[0]
+            variants = torch.where(keep.unsqueeze(-1), x.expand(P, P, -1), pad)
         step = runner.rows_per_chunk(runner.C, variants.shape[1])
         drops = []
         for start in range(0, P, step):

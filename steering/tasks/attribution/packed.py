@@ -21,7 +21,7 @@ import torch
 from steering.engine.jobs import JobContext, Progress
 from steering.tasks.attribution.gradients import IntegrationMethod, integration_points
 from steering.tasks.packing import Segment, pack, targets
-from steering.tasks.scoring import group_logprobs, packed_forward
+from steering.tasks.scoring import group_logprobs, packed_embeddings, packed_forward
 
 Baseline = Literal["zeros", "pad", "eos"]
 Precision = Literal["auto", "model", "bfloat16"]
@@ -135,7 +135,7 @@ def integrated_gradients(ctx: JobContext, rows: Sequence[Sequence[Segment]], wei
                     owner.append(i)
             batch = pack(sub, pad, lm.device)
             tgt = targets(batch, sub)
-            x = emb(batch.ids).detach()
+            x = packed_embeddings(ctx, batch)
             base = torch.zeros_like(x) if base_id is None else emb(torch.full_like(batch.ids, int(base_id))).detach()
             a_t = torch.tensor(a_list, device=lm.device, dtype=x.dtype).view(-1, 1, 1)
             gw = torch.tensor([weights[owner[r]][j] * w_list[r] for r, j in tgt[3]], device=lm.device,
@@ -154,10 +154,10 @@ def integrated_gradients(ctx: JobContext, rows: Sequence[Sequence[Segment]], wei
             yield Progress(done, n_steps * len(rows), stage)
     out = []
     for i, row in enumerate(rows):
-        ids = torch.tensor([t for s in row for t in s.ids], device=lm.device)
-        x = emb(ids).detach().to(acc_dtype)
+        one = pack([row], pad, lm.device)
+        x = packed_embeddings(ctx, one)[0].to(acc_dtype)
         base = torch.zeros_like(x) if base_id is None else \
-            emb(torch.full_like(ids, int(base_id))).detach().to(acc_dtype)
+            emb(torch.full_like(one.ids[0], int(base_id))).detach().to(acc_dtype)
         out.append((grads[i] * (x - base)).sum(-1).to("cpu", torch.float32))
     return out
 

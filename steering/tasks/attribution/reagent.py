@@ -55,7 +55,7 @@ class _Sampler:
         self.predicted: torch.Tensor | None = None
         if kind == "model":
             prompt = runner.prompt
-            out = runner.forward(runner.embed(prompt.unsqueeze(0)), runner.P)
+            out = runner.forward(runner.prompt_embeds.unsqueeze(0), runner.P)
             logits = lm.logits(out.last_hidden_state[0, :-1]).float()[:, :vocab].clone()  # predicts tokens 1..P-1
             logits[:, ~allowed.to(logits.device)] = -math.inf
             logits[torch.arange(self.P - 1), prompt[1:]] = -math.inf  # never "replace" a token by itself

@@ -16,6 +16,7 @@ from dataclasses import dataclass
 import torch
 
 from steering.engine.jobs import JobContext
+from steering.multimodal import PromptImage, image_positions
 from steering.spec import ResolvedApplication
 from steering.tasks.attribution.targets import AttributionTarget
 
@@ -37,13 +38,15 @@ class Cost:
 
 class Runner:
     def __init__(self, ctx: JobContext, prompt_ids: list[int], target: AttributionTarget,
-                 apps: Sequence[ResolvedApplication]) -> None:
+                 apps: Sequence[ResolvedApplication], images: tuple[PromptImage, ...] = ()) -> None:
         lm = ctx.lm
         self.ctx = ctx
         self.lm = lm
         self.device = lm.device
         self.embedding = lm.model.get_input_embeddings()
         self.prompt = torch.tensor(prompt_ids, device=self.device)
+        self.images = images
+        """The prompt's images: their tokens' embeddings are their features, in every variant that keeps them."""
         self.target = target
         self.conts = [torch.tensor(c, device=self.device) for c in target.continuations]
         self.lengths = [len(c) for c in target.continuations]
@@ -58,6 +61,16 @@ class Runner:
         self.pad_id = lm.pad_id
         self.eos_id = int(tok.eos_token_id) if tok.eos_token_id is not None else self.pad_id
         self._batched_vjp = True
+        self._image_at = torch.tensor(image_positions(images), device=self.device, dtype=torch.long)
+        self.prompt_embeds = self.embed_prompt(self.prompt.unsqueeze(0))[0].detach()
+        """[P, d]: the prompt's input embeddings (with its images' features), what gradient methods attribute."""
+        self._layout = _PromptLayout(ctx, prompt_ids, images) if images else None
+
+    @property
+    def fixed_length(self) -> bool:
+        """Whether prompt variants must keep the prompt's length: a prompt whose images set multimodal rotary
+        positions or attention inside an image (removing a token would move them)."""
+        return self._layout is not None and self._layout.structured
 
     # -- sizes ---------------------------------------------------------------------------------------------------
     def row_len(self, prompt_len: int | None = None) -> int:
@@ -71,14 +84,30 @@ class Runner:
     def embed(self, ids: torch.Tensor) -> torch.Tensor:
         return self.embedding(ids)
 
+    def embed_prompt(self, ids: torch.Tensor) -> torch.Tensor:
+        """Embeddings [n, P', d] of prompt variants [n, P']: token embeddings, and where a variant of the prompt's
+        length keeps an image token in place, that image's feature."""
+        e = self.embedding(ids)
+        if not self.images or ids.shape[1] != self.P:
+            return e
+        feats = torch.cat([self.ctx.vision.features(im) for im in self.images]).to(e.dtype)  # [I, d]
+        keep = (ids[:, self._image_at] == self.prompt[self._image_at]).unsqueeze(-1)  # [n, I, 1]
+        e = e.clone()
+        e[:, self._image_at] = torch.where(keep, feats.unsqueeze(0), e[:, self._image_at])
+        return e
+
     def forward(self, embeds: torch.Tensor, prompt_len: int, output_attentions: bool = False):
         """Run the decoder on [n, L, d] input embeddings with the request's steering; count the cost."""
         t0 = time.perf_counter()
         n, L = embeds.shape[:2]
+        positions = torch.arange(L, device=self.device).expand(n, L)
+        rope = keep = None
+        if self._layout is not None and prompt_len == self.P:
+            rope, keep = self._layout(positions)
         out = self.ctx.forward(
-            inputs_embeds=embeds, positions=torch.arange(L, device=self.device).expand(n, L),
-            prompt_lens=torch.full((n,), prompt_len, device=self.device),
-            steering=[self.steering] * n if self.steering else None, output_attentions=output_attentions)
+            inputs_embeds=embeds, positions=positions, prompt_lens=torch.full((n,), prompt_len, device=self.device),
+            steering=[self.steering] * n if self.steering else None, output_attentions=output_attentions,
+            rope_positions=rope, keep=keep)
         self.cost.forward_passes += 1
         self.cost.forward_tokens += n * L
         self.cost.compute_seconds += time.perf_counter() - t0
@@ -86,7 +115,7 @@ class Runner:
 
     def rows(self, prompt_part: torch.Tensor, conts: list[int]) -> torch.Tensor:
         """Embeddings [n * len(conts), P' + T - 1, d] of each prompt variant followed by each continuation."""
-        pe = self.embed(prompt_part) if not prompt_part.is_floating_point() else prompt_part
+        pe = self.embed_prompt(prompt_part) if not prompt_part.is_floating_point() else prompt_part
         n, d = pe.shape[0], pe.shape[-1]
         parts = []
         for c in conts:
@@ -156,3 +185,28 @@ class Runner:
                 torch.autograd.grad(obj[:, k].sum(), wrt, retain_graph=True)[0] for k in ks
             ])
         return grads
+
+
+class _PromptLayout:
+    """Rotary positions and attention of rows that begin with a multimodal prompt (then its continuation)."""
+
+    def __init__(self, ctx: JobContext, prompt_ids: list[int], images: tuple[PromptImage, ...]) -> None:
+        front = ctx.vision.front
+        self.P = len(prompt_ids)
+        self.mrope, self.bidirectional = front.mrope, front.bidirectional
+        self.structured = self.mrope or self.bidirectional
+        self.rope = ctx.vision.prompt_rope(prompt_ids, images) if self.mrope else None
+        self.blocks = [torch.tensor(im.positions, device=ctx.lm.device) for im in images]
+
+    def __call__(self, positions: torch.Tensor) -> tuple[torch.Tensor | None, torch.Tensor | None]:
+        n, L = positions.shape
+        rope = keep = None
+        if self.rope is not None:
+            p, delta = self.rope
+            rope = (positions + delta).unsqueeze(0).expand(3, -1, -1).clone()
+            rope[:, :, : self.P] = p.unsqueeze(1)
+        if self.bidirectional:
+            keep = (torch.arange(L, device=positions.device).unsqueeze(0) <= positions.unsqueeze(-1)).clone()
+            for idx in self.blocks:
+                keep[:, idx.unsqueeze(1), idx.unsqueeze(0)] = True
+        return rope, keep

@@ -21,12 +21,14 @@ from steering.engine.base import ModelFront
 from steering.engine.jobs import JobContext, Progress, scaled
 from steering.errors import InvalidRequestError
 from steering.inputs import answer_separator
+from steering.multimodal import ImageLimits, load_image
 from steering.params import parse_params
 from steering.tasks.builders.registry import Builder, BuilderParams, Encoded, get_builder
 from steering.tasks.builders.registry import parse_params as parse_builder_params
 from steering.tasks.builders.sweep import (
     SweepConfig,
     SweepResult,
+    check_image_positions,
     check_sweep,
     settings_count,
     stored_setting,
@@ -43,24 +45,29 @@ class BuildLimits:
     max_examples: int = 10_000
     max_sweep_rows: int = 200_000
     """configurations x validation examples"""
+    images: ImageLimits = field(default_factory=ImageLimits)
+    """What the examples' images may be (a server's: data URLs and its image directories)."""
 
 
 def encode(model: ModelFront, examples: list[PreferenceExample], params: BuilderParams,
-           param: str = "examples") -> list[Encoded]:
+           param: str = "examples", images: ImageLimits | None = None) -> list[Encoded]:
+    """Tokenize every example (its image, if any, checked against ``images`` and placed in the prompt)."""
     inputs, limit = model.inputs, model.info.max_model_len
     sep = answer_separator(params.prompt_format, params.separator)
+    limits = images or ImageLimits()
     out = []
     for i, e in enumerate(examples):
-        prompt = inputs.encode_prompt(e.prompt, params.prompt_format, params.system_prompt)
+        pictures = [load_image(e.image, limits, f"{param}[{i}].image")] if e.image is not None else []
+        prompt, placed = inputs.encode_prompt_images(e.prompt, pictures, params.prompt_format, params.system_prompt)
         pos = inputs.encode_continuation(sep + e.preferred)
         neg = inputs.encode_continuation(sep + e.dispreferred)
         if not prompt or not pos or not neg:
             raise InvalidRequestError(f"{param}[{i}]: the prompt and both answers must encode to tokens",
-                                         param=f"{param}[{i}]")
+                                      param=f"{param}[{i}]")
         if len(prompt) + len(pos) + len(neg) > limit:
             raise InvalidRequestError(f"{param}[{i}] is longer than the model allows ({limit} tokens)",
                                       param=f"{param}[{i}]")
-        out.append(Encoded(prompt, pos, neg))
+        out.append(Encoded(prompt, pos, neg, placed))
     return out
 
 
@@ -118,16 +125,17 @@ def prepare_build(model: ModelFront, request: BuildRequest, limits: BuildLimits 
     if len(request.examples) > limits.max_examples:
         raise InvalidRequestError(f"{len(request.examples)} examples; this server allows {limits.max_examples}",
                                      param="examples")
-    data = encode(model, request.examples, params)
+    data = encode(model, request.examples, params, images=limits.images)
     validation = None
     if request.sweep is not None and not request.validation:
         raise InvalidRequestError("a sweep needs validation examples", param="validation")
     if request.validation:
-        validation = encode(model, request.validation, params, "validation")
+        validation = encode(model, request.validation, params, "validation", limits.images)
         cfg = request.sweep or SweepConfig()
         probe = SteeringVector({x: torch.zeros(info.hidden_size) for x in layers},
                                metadata={"hidden_norms": {str(x): 1.0 for x in layers}})
         check_sweep(info.num_layers, probe, cfg, len(validation), limits.max_sweep_rows)
+        check_image_positions(cfg, validation, "validation")
     return PreparedBuild(request, builder, params, layers, data, validation, info.identity().as_dict())
 
 
@@ -191,8 +199,10 @@ def prepare_sweep(model: ModelFront, vector: SteeringVector, examples: list[Pref
                   limits: BuildLimits | None = None) -> Callable[[JobContext], Any]:
     """Check a sweep of ``vector`` before any model work; return its job. ``params``: how to encode the
     examples (default: as the vector was built)."""
-    data = encode(model, examples, encoding(vector, params))
-    check_sweep(model.info.num_layers, vector, cfg, len(data), (limits or BuildLimits()).max_sweep_rows)
+    limits = limits or BuildLimits()
+    data = encode(model, examples, encoding(vector, params), images=limits.images)
+    check_sweep(model.info.num_layers, vector, cfg, len(data), limits.max_sweep_rows)
+    check_image_positions(cfg, data, "examples")
     return lambda ctx: sweep_work(ctx, vector, data, cfg)
 
 

@@ -37,7 +37,7 @@ def answer_states(ctx: JobContext, data: list[Encoded], layers: list[int], posit
     rows, groups = [], []
     for e in data:
         P, A, B = len(e.prompt), len(e.preferred), len(e.dispreferred)
-        rows.append(answer_rows(e.prompt, [e.preferred, e.dispreferred]))
+        rows.append(answer_rows(e.prompt, [e.preferred, e.dispreferred], e.images))
         if position == "last":
             groups.append([[P + A - 1], [P + A + B - 1]])
         else:

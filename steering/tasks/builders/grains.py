@@ -38,7 +38,9 @@ caller (the reference evaluates on its own building rows).
 
 from __future__ import annotations
 
+import bisect
 import difflib
+from dataclasses import replace
 from typing import Literal
 
 import torch
@@ -46,6 +48,7 @@ from pydantic import Field
 
 from steering.engine.jobs import JobContext, scaled
 from steering.errors import InvalidRequestError
+from steering.multimodal import PromptImage, image_positions
 from steering.tasks import activations
 from steering.tasks.attribution.gradients import IntegrationMethod
 from steering.tasks.attribution.packed import Precision, cached_integrated_gradients, resolve_precision
@@ -87,6 +90,10 @@ class GrainsParams(BuilderParams):
     skip_template: bool = Field(
         True, description="prompt candidates exclude the template: the tokens every example's prompt begins and "
                           "ends with (chat markup, system prompt, 'Q:'/'A:'); needs two or more examples")
+    image_tokens: bool = Field(
+        True, description="a vision-language example's image tokens are candidates too, whatever select_from says "
+                          "(each polarity's top k is chosen across text and image tokens); a chosen image token is "
+                          "masked by replacing its merged embedding with the integrated-gradients baseline's")
 
 
 def select(scores: list[float], candidates: list[bool], k: int, negative: bool) -> list[int]:
@@ -131,8 +138,8 @@ def unshared(a: list[int], b: list[int]) -> list[bool]:
 
 
 def candidate_mask(prompt: list[int], answer: list[int], other: list[int], params: GrainsParams,
-                   special: set[int], template: tuple[int, int]) -> list[bool]:
-    """Which tokens of prompt + answer may be chosen."""
+                   special: set[int], template: tuple[int, int], images: frozenset[int] = frozenset()) -> list[bool]:
+    """Which tokens of prompt + answer may be chosen (``images``: the prompt's image token positions)."""
     P, (pre, suf) = len(prompt), template
     how = params.select_from
     if how in ("sequence", "prompt"):
@@ -145,7 +152,19 @@ def candidate_mask(prompt: list[int], answer: list[int], other: list[int], param
         in_answer = unshared(answer, other)
     else:
         in_answer = [True] * len(answer)
-    return [ok and t not in special for ok, t in zip(in_prompt + in_answer, prompt + answer, strict=True)]
+    out = [ok and t not in special for ok, t in zip(in_prompt + in_answer, prompt + answer, strict=True)]
+    for i in images:
+        out[i] = params.image_tokens
+    return out
+
+
+def masked_images(images: tuple[PromptImage, ...], removed: list[int]) -> tuple[PromptImage, ...]:
+    """The images' positions after the tokens at ``removed`` are deleted from the sequence before them."""
+    if not removed:
+        return images
+    gone = sorted(removed)
+    return tuple(replace(im, positions=tuple(p - bisect.bisect_left(gone, p) for p in im.positions))
+                 for im in images)
 
 
 def baseline_embedding(lm, baseline: str) -> torch.Tensor:
@@ -187,26 +206,29 @@ class Grains(Builder):
         lm = ctx.lm
         special = lm.special_token_ids
         rep = replacement_id(lm, params.replacement)
-        rows = [answer_rows(e.prompt, [e.preferred, e.dispreferred]) for e in data]
+        rows = [answer_rows(e.prompt, [e.preferred, e.dispreferred], e.images) for e in data]
+        image_sets = [frozenset(image_positions(e.images)) for e in data]
         split = 3 * params.n_steps / (3 * params.n_steps + 2)  # progress share of IG (see cost())
         # Scores are cached per example: builds that differ only after attribution (k, mode, aggregate,
         # candidates, replacement) reuse them.
         scores = yield from scaled(cached_integrated_gradients(
             ctx, rows, [[0.0, 1.0, -1.0]] * len(data), params.n_steps, params.integration, params.baseline,
             precision=params.precision), 0.0, split)
-        template = template_affixes([e.prompt for e in data])  # skipped when params.skip_template
+        # skipped when params.skip_template; image tokens are content (unique per example), never template
+        template = template_affixes([[-1 - k if i in img else t for i, t in enumerate(e.prompt)]
+                                     for k, (e, img) in enumerate(zip(data, image_sets, strict=True))])
         # Selection, then one activation pass: the originals packed as [x, y+, y-] (last tokens of y+ and y-),
         # and the two masked sequences side by side as separate roots.
         act_rows, groups, picks = [], [], []
         swaps: list[list[int]] = []
-        for e, row, s in zip(data, rows, scores, strict=True):
+        for e, row, s, img in zip(data, rows, scores, image_sets, strict=True):
             P, A = len(e.prompt), len(e.preferred)
             seq_pos, seq_neg = e.prompt + e.preferred, e.prompt + e.dispreferred
             s_pos = s[: P + A].tolist()
             s_neg = s[:P].tolist() + s[P + A:].tolist()
-            pos = select(s_pos, candidate_mask(e.prompt, e.preferred, e.dispreferred, params, special, template),
+            pos = select(s_pos, candidate_mask(e.prompt, e.preferred, e.dispreferred, params, special, template, img),
                          params.k, negative=False)
-            neg = select(s_neg, candidate_mask(e.prompt, e.dispreferred, e.preferred, params, special, template),
+            neg = select(s_neg, candidate_mask(e.prompt, e.dispreferred, e.preferred, params, special, template, img),
                          params.k, negative=True)
             picks.append((pos, neg))
             act_rows.append(row)
@@ -214,13 +236,18 @@ class Grains(Builder):
             swaps.append([])
             if params.replacement == "baseline":  # the ids stay; their embeddings become the baseline's
                 m_pos, m_neg = seq_pos, seq_neg
+                i_pos = i_neg = e.images
                 swaps.append(pos + [len(seq_pos) + q for q in neg])
-            else:
-                m_pos, m_neg = masked(seq_pos, pos, rep), masked(seq_neg, neg, rep)
-                swaps.append([])
-            act_rows.append([Segment(m_pos), Segment(m_neg)])
+            else:  # text tokens replaced (or deleted); image tokens always take the baseline's embedding
+                t_pos, t_neg = [i for i in pos if i not in img], [i for i in neg if i not in img]
+                m_pos, m_neg = masked(seq_pos, t_pos, rep), masked(seq_neg, t_neg, rep)
+                gone_pos, gone_neg = (t_pos, t_neg) if rep is None else ([], [])
+                i_pos, i_neg = masked_images(e.images, gone_pos), masked_images(e.images, gone_neg)
+                swaps.append([i - bisect.bisect_left(gone_pos, i) for i in pos if i in img]
+                             + [len(m_pos) + i - bisect.bisect_left(gone_neg, i) for i in neg if i in img])
+            act_rows.append([Segment(m_pos, images=i_pos), Segment(m_neg, images=i_neg)])
             groups.append([[len(m_pos) - 1], [len(m_pos) + len(m_neg) - 1]])
-        swap = (swaps, baseline_embedding(lm, params.baseline)) if params.replacement == "baseline" else None
+        swap = (swaps, baseline_embedding(lm, params.baseline)) if any(swaps) else None
         states = yield from scaled(activations.collect(ctx, act_rows, groups, layers, replace=swap), split, 1.0)
         n = len(data)
         use_pos = [i for i, (p, _) in enumerate(picks) if p]
@@ -247,8 +274,9 @@ class Grains(Builder):
             del stats["explained_variance_neg"]
         tok = lm.tokenizer
 
-        def where(i: int, P: int) -> str:
-            return "answer" if i >= P else "template" if i < template[0] or i >= P - template[1] else "prompt"
+        def where(i: int, P: int, img: frozenset[int] = frozenset()) -> str:
+            return "image" if i in img else "answer" if i >= P else \
+                "template" if i < template[0] or i >= P - template[1] else "prompt"
 
         info = {
             "precision": resolve_precision(lm, params.precision),
@@ -257,15 +285,16 @@ class Grains(Builder):
             "replacement_token": ({"id": rep, "text": tok.decode([rep])} if rep is not None
                                   else {"id": None, "text": params.replacement}),
             "template_tokens": {"prefix": template[0], "suffix": template[1]},
-            "chosen_parts": {pol: {part: sum(where(i, len(e.prompt)) == part for e, pk in zip(data, picks, strict=True)
-                                             for i in pk[j]) for part in ("template", "prompt", "answer")}
+            "chosen_parts": {pol: {part: sum(where(i, len(e.prompt), img) == part
+                                             for e, pk, img in zip(data, picks, image_sets, strict=True)
+                                             for i in pk[j]) for part in ("template", "prompt", "image", "answer")}
                              for j, pol in enumerate(("pos", "neg"))},
             "selections": [
                 {"pos": [tok.decode([(e.prompt + e.preferred)[i]]) for i in p],
                  "neg": [tok.decode([(e.prompt + e.dispreferred)[i]]) for i in q],
-                 "pos_at": [[i, where(i, len(e.prompt))] for i in p],
-                 "neg_at": [[i, where(i, len(e.prompt))] for i in q]}
-                for e, (p, q) in list(zip(data, picks, strict=True))[:20]
+                 "pos_at": [[i, where(i, len(e.prompt), img)] for i in p],
+                 "neg_at": [[i, where(i, len(e.prompt), img)] for i in q]}
+                for e, (p, q), img in list(zip(data, picks, image_sets, strict=True))[:20]
             ],
         }
         return Directions(values, info, stats)

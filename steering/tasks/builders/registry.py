@@ -11,6 +11,7 @@ import torch
 from pydantic import Field
 
 from steering.engine.jobs import JobContext, Progress
+from steering.multimodal import PromptImage
 from steering.names import Registry
 from steering.params import StrictParams
 
@@ -31,6 +32,8 @@ class Encoded:
     prompt: list[int]
     preferred: list[int]
     dispreferred: list[int]
+    images: tuple[PromptImage, ...] = ()
+    """The prompt's images (a vision-language model's examples), placed in ``prompt``."""
 
 
 @dataclass

@@ -26,10 +26,11 @@ from typing import Any, Literal
 
 from steering.engine.jobs import JobContext, Progress, scaled
 from steering.errors import InvalidRequestError
-from steering.spec import POSITION_KINDS, Positions, ResolvedApplication, describe_positions
+from steering.multimodal import PromptImage
+from steering.spec import POSITION_KINDS, Positions, ResolvedApplication, describe_positions, uses_images
 from steering.tasks.builders.registry import Encoded
 from steering.tasks.packing import Segment, pack
-from steering.tasks.scoring import chunks, packed_forward, score_answers
+from steering.tasks.scoring import chunks, item_steering, packed_forward, score_answers
 from steering.vectors import SteeringVector
 
 Metric = Literal["accuracy", "margin"]
@@ -136,17 +137,20 @@ def stored_setting(result: SweepResult, cfg: SweepConfig, dataset_hash: str) -> 
 
 
 def greedy_continuations(ctx: JobContext, prompts: Sequence[Sequence[int]], apps: Sequence[Sequence[Any]],
-                         max_tokens: int, stop: set[int], stage: str = "fluency"):
+                         max_tokens: int, stop: set[int], stage: str = "fluency",
+                         images: Sequence[tuple[PromptImage, ...]] | None = None):
     """Job generator: each prompt's greedy continuation (token ids, stop token excluded) with its steering
-    ``apps[i]`` (from ``ctx.steering``). No KV cache: every step runs the whole sequences, prompt as the
-    ``prompt`` part and the tokens so far as ``generated``, so positions are those of real generation."""
+    ``apps[i]`` (from ``ctx.steering``) and its ``images[i]``. No KV cache: every step runs the whole sequences,
+    prompt as the ``prompt`` part and the tokens so far as ``generated``, so positions are those of real
+    generation."""
     n = len(prompts)
     out: list[list[int]] = [[] for _ in range(n)]
     live = list(range(n))
     for step in range(max_tokens):
         if not live:
             break
-        rows = [[Segment(prompts[i])] + ([Segment(out[i], 0)] if out[i] else []) for i in live]
+        rows = [[Segment(prompts[i], images=images[i] if images else ())] + ([Segment(out[i], 0)] if out[i] else [])
+                for i in live]
         lengths = [len(prompts[i]) + len(out[i]) for i in live]
         nxt: dict[int, int] = {}
         for idx in chunks(lengths, ctx.chunk_tokens):
@@ -190,13 +194,14 @@ def sweep_work(ctx: JobContext, vector: SteeringVector, data: list[Encoded], cfg
     device_apps = [ctx.steering(c) if c else [] for c in configs]
     items: list[tuple[list[int], list[list[int]]]] = []
     apps: list[Any] = []
-    for app in device_apps:
+    for c, app in zip(configs, device_apps, strict=True):
         for e in data:
             items.append((e.prompt, [e.preferred, e.dispreferred]))
-            apps.append(app)
+            apps.append(item_steering(ctx, c, e.images) if uses_images(c) else app)
     scoring, fluency_tokens = sweep_cost(data, cfg, len(configs) - 1)
     share = scoring / (scoring + fluency_tokens)
-    scored = yield from scaled(score_answers(ctx, items, apps, stage="sweep"), 0.0, share)
+    scored = yield from scaled(score_answers(ctx, items, apps, stage="sweep", images=[e.images for e in data]
+                                             * len(configs)), 0.0, share)
     n = len(data)
     results = []
     for ci in range(len(configs)):
@@ -207,19 +212,21 @@ def sweep_work(ctx: JobContext, vector: SteeringVector, data: list[Encoded], cfg
     fluency = None
     if cfg.fluency is not None:
         f = cfg.fluency
-        prompts = [e.prompt for e in data[: f.prompts]]
+        prompts = data[: f.prompts]
         stop = set(ctx.lm.eos_token_ids)
-        gen_prompts, gen_apps, owner = [], [], []
-        for ci, app in enumerate(device_apps):
-            for p in prompts:
-                gen_prompts.append(p)
-                gen_apps.append(app)
+        gen_prompts, gen_images, gen_apps, owner = [], [], [], []
+        for ci, (c, app) in enumerate(zip(configs, device_apps, strict=True)):
+            for e in prompts:
+                gen_prompts.append(e.prompt)
+                gen_images.append(e.images)
+                gen_apps.append(item_steering(ctx, c, e.images) if uses_images(c) else app)
                 owner.append(ci)
-        conts = yield from scaled(greedy_continuations(ctx, gen_prompts, gen_apps, f.max_tokens, stop),
-                                  share, share + (1 - share) * 0.9)
+        conts = yield from scaled(greedy_continuations(ctx, gen_prompts, gen_apps, f.max_tokens, stop,
+                                                       images=gen_images), share, share + (1 - share) * 0.9)
         keep = [i for i, c in enumerate(conts) if c]
         ppl_items = [(gen_prompts[i], [conts[i]]) for i in keep]
-        ppl_scored = yield from scaled(score_answers(ctx, ppl_items, None, stage="perplexity"),
+        ppl_scored = yield from scaled(score_answers(ctx, ppl_items, None, stage="perplexity",
+                                                     images=[gen_images[i] for i in keep]),
                                        share + (1 - share) * 0.9, 1.0)
         sums = _perplexity(ppl_scored, [owner[i] for i in keep], len(configs))
         ppl = [math.exp(-lp / t) if t else float("nan") for lp, t in sums]
@@ -308,3 +315,13 @@ def check_sweep(num_layers: int, vector: SteeringVector, cfg: SweepConfig, n_exa
     if rows > max_rows:
         raise InvalidRequestError(f"the sweep needs {rows} scored rows (settings x validation examples, and x "
                                   f"continuation steps for fluency); this server allows {max_rows}", param="sweep")
+
+
+def check_image_positions(cfg: SweepConfig, data: Sequence[Encoded], param: str) -> None:
+    """Settings that steer ``image`` positions need an image in every example."""
+    if "image" in cfg.position_list():
+        missing = [i for i, e in enumerate(data) if not e.images]
+        if missing:
+            raise InvalidRequestError(f"positions 'image' steer the examples' image tokens, and {len(missing)} "
+                                      f"examples have no image (first: {param}[{missing[0]}])",
+                                      param="sweep.positions")

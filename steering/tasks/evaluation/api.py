@@ -13,6 +13,8 @@ from steering.datasets import TruthfulQAItem
 from steering.engine.base import ModelFront
 from steering.engine.jobs import JobContext
 from steering.errors import InvalidRequestError
+from steering.multimodal import ImageLimits
+from steering.spec import uses_images
 from steering.tasks.evaluation.conditions import Condition, with_baseline
 from steering.tasks.evaluation.report import Column, ConditionResult, EvaluationReport, mean_se, paired
 from steering.tasks.evaluation.truthfulqa import (
@@ -53,14 +55,20 @@ class PreparedTruthfulQA:
         return truthfulqa_report(self, per, time.monotonic() - t0)
 
 
-def prepare_truthfulqa(model: ModelFront, req: TruthfulQARequest, max_rows: int = 200_000) -> PreparedTruthfulQA:
+def prepare_truthfulqa(model: ModelFront, req: TruthfulQARequest, max_rows: int = 200_000,
+                       images: ImageLimits | None = None) -> PreparedTruthfulQA:
     if not req.items:
         raise InvalidRequestError("no questions", param="questions")
     conditions = with_baseline(model, req.conditions)
     if len(conditions) * len(req.items) > max_rows:
         raise InvalidRequestError(f"{len(conditions)} conditions x {len(req.items)} questions is more than this "
                                      f"server scores in one evaluation ({max_rows})", param="questions")
-    data = encode_questions(model, req.items, req.format)
+    data = encode_questions(model, req.items, req.format, images=images)
+    if any(uses_images(c.resolved.applications) for c in conditions if c.resolved is not None):
+        missing = [i for i, q in enumerate(data) if not q.images]
+        if missing:
+            raise InvalidRequestError(f"a condition steers 'image' positions, and {len(missing)} questions have no "
+                                      f"image (first: questions[{missing[0]}])", param="conditions")
     return PreparedTruthfulQA(req, conditions, data, model.info.identity().as_dict())
 
 
@@ -90,9 +98,10 @@ def truthfulqa_report(prep: PreparedTruthfulQA, per: Sequence[Sequence[dict]], s
 
 
 def evaluate_truthfulqa(lm: LoadedModel, req: TruthfulQARequest, *, chunk_tokens: int = 2048,
+                        images: ImageLimits | None = None,
                         on_progress: Any = None) -> EvaluationReport:
     """Validate and run on this thread (no engine needed)."""
     from steering.backends.hf.jobs import run_job
 
-    prep = prepare_truthfulqa(lm, req)
+    prep = prepare_truthfulqa(lm, req, images=images)
     return run_job(prep.work, lm, chunk_tokens=chunk_tokens, name="eval-truthfulqa", on_progress=on_progress)

@@ -26,8 +26,10 @@ from steering.engine.base import ModelFront
 from steering.engine.jobs import JobContext
 from steering.errors import InvalidRequestError
 from steering.inputs import answer_separator
+from steering.multimodal import ImageLimits, PromptImage, load_image
+from steering.spec import uses_images
 from steering.tasks.evaluation.conditions import Condition
-from steering.tasks.scoring import score_answers
+from steering.tasks.scoring import item_steering, score_answers
 
 METRICS = ("binary", "mc1", "mc2")
 
@@ -48,6 +50,8 @@ class EncodedQuestion:
     answers: list[list[int]]
     """The true answers first (the best answer at 0), then the incorrect ones (the first at ``n_true``)."""
     n_true: int
+    images: tuple[PromptImage, ...] = ()
+    """The question's image (a vision-language model), placed in ``prompt``."""
 
 
 def check_format(fmt: QAFormat) -> None:
@@ -73,14 +77,16 @@ def true_answers(item: TruthfulQAItem) -> list[str]:
 
 
 def encode_questions(model: ModelFront, items: Sequence[TruthfulQAItem], fmt: QAFormat,
-                     param: str = "questions") -> list[EncodedQuestion]:
+                     param: str = "questions", images: ImageLimits | None = None) -> list[EncodedQuestion]:
+    """Tokenize every question and its answers (its image, if any, checked against ``images``)."""
     check_format(fmt)
     inputs, limit = model.inputs, model.info.max_model_len
     sep = answer_separator(fmt.prompt_format, fmt.separator)
     out = []
     for i, item in enumerate(items):
-        prompt = inputs.encode_prompt(fmt.template.format(question=item.question), fmt.prompt_format,
-                                      fmt.system_prompt)
+        pictures = [load_image(item.image, images or ImageLimits(), f"{param}[{i}].image")] if item.image else []
+        prompt, placed = inputs.encode_prompt_images(fmt.template.format(question=item.question), pictures,
+                                                     fmt.prompt_format, fmt.system_prompt)
         trues = true_answers(item)
         answers = [inputs.encode_continuation(sep + a) for a in [*trues, *item.incorrect]]
         if not prompt or any(not a for a in answers):
@@ -89,7 +95,7 @@ def encode_questions(model: ModelFront, items: Sequence[TruthfulQAItem], fmt: QA
         if len(prompt) + sum(map(len, answers)) > limit:
             raise InvalidRequestError(f"{param}[{i}]: the prompt and its answers are longer than the model "
                                       f"allows ({limit} tokens)", param=f"{param}[{i}]")
-        out.append(EncodedQuestion(prompt, answers, len(trues)))
+        out.append(EncodedQuestion(prompt, answers, len(trues), placed))
     return out
 
 
@@ -104,7 +110,8 @@ def question_scores(logprobs: Sequence[float], n_true: int) -> dict[str, float]:
 
 
 def items_hash(items: Sequence[TruthfulQAItem]) -> str:
-    blob = json.dumps([asdict(x) for x in items], ensure_ascii=False, sort_keys=True).encode()
+    rows = [{k: v for k, v in asdict(x).items() if not (k == "image" and v is None)} for x in items]
+    blob = json.dumps(rows, ensure_ascii=False, sort_keys=True).encode()
     return "sha256:" + hashlib.sha256(blob).hexdigest()
 
 
@@ -112,11 +119,13 @@ def truthfulqa_work(ctx: JobContext, data: Sequence[EncodedQuestion], conditions
     """Job generator: per condition, per question, the scores of :func:`question_scores`."""
     items, apps = [], []
     for c in conditions:
-        app = ctx.steering(c.resolved.applications) if c.resolved is not None else []
+        applications = list(c.resolved.applications) if c.resolved is not None else []
+        app = ctx.steering(applications) if applications else []
         for q in data:
             items.append((q.prompt, q.answers))
-            apps.append(app)
-    scored = yield from score_answers(ctx, items, apps, stage="truthfulqa")
+            apps.append(item_steering(ctx, applications, q.images) if uses_images(applications) else app)
+    scored = yield from score_answers(ctx, items, apps, stage="truthfulqa", images=[q.images for q in data]
+                                      * len(conditions))
     n = len(data)
     return [[question_scores(s.logprobs, q.n_true) for s, q in zip(scored[ci * n:(ci + 1) * n], data)]
             for ci in range(len(conditions))]
