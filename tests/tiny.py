@@ -129,7 +129,7 @@ VLM_CHAT_TEMPLATE = (
 )
 """The tiny chat template, with content parts; IMAGE stands for the family's image placeholder."""
 
-VLM_FAMILIES = ("llava", "qwen2_vl", "gemma3")
+VLM_FAMILIES = ("llava", "qwen2_vl", "qwen2_5_vl", "gemma3")
 
 
 def build_vlm(path: Path, family: str = "llava", seed: int = 0, layers: int = 4, hidden: int = 64) -> Path:
@@ -150,27 +150,38 @@ def build_vlm(path: Path, family: str = "llava", seed: int = 0, layers: int = 4,
         cfg = LlavaConfig(
             vision_config=CLIPVisionConfig(hidden_size=32, intermediate_size=64, num_hidden_layers=2,
                                            num_attention_heads=4, image_size=32, patch_size=8, projection_dim=32),
-            text_config=LlamaConfig(vocab_size=len(tok), **text), image_token_index=tok.convert_tokens_to_ids("<image>"),
-            vision_feature_select_strategy="default", vision_feature_layer=-1)
+            text_config=LlamaConfig(vocab_size=len(tok), **text),
+            image_token_index=tok.convert_tokens_to_ids("<image>"), vision_feature_select_strategy="default",
+            vision_feature_layer=-1)
         processor = CLIPImageProcessorPil(size={"shortest_edge": 32}, crop_size={"height": 32, "width": 32})
         placeholder, model_cls = "<image>", LlavaForConditionalGeneration
-    elif family == "qwen2_vl":
-        from transformers import Qwen2VLConfig, Qwen2VLForConditionalGeneration
+    elif family in ("qwen2_vl", "qwen2_5_vl"):
+        from transformers import (
+            Qwen2_5_VLConfig,
+            Qwen2_5_VLForConditionalGeneration,
+            Qwen2VLConfig,
+            Qwen2VLForConditionalGeneration,
+        )
         from transformers.models.qwen2_vl.image_processing_pil_qwen2_vl import Qwen2VLImageProcessorPil
 
         marks = ["<|vision_start|>", "<|vision_end|>", "<|image_pad|>", "<|video_pad|>"]
         tok.add_special_tokens({"additional_special_tokens": marks})
         ids = dict(zip(marks, tok.convert_tokens_to_ids(marks), strict=True))
-        cfg = Qwen2VLConfig(
-            vision_config=dict(depth=2, embed_dim=32, hidden_size=hidden, num_heads=4, mlp_ratio=2, patch_size=8,
-                               spatial_merge_size=2, temporal_patch_size=2, in_channels=3),
+        common = dict(patch_size=8, spatial_merge_size=2, temporal_patch_size=2, in_channels=3, num_heads=4, depth=2)
+        vision = (dict(embed_dim=32, hidden_size=hidden, mlp_ratio=2, **common) if family == "qwen2_vl" else
+                  dict(hidden_size=32, out_hidden_size=hidden, intermediate_size=64, window_size=16,
+                       fullatt_block_indexes=[1], **common))
+        config_cls = Qwen2VLConfig if family == "qwen2_vl" else Qwen2_5_VLConfig
+        cfg = config_cls(
+            vision_config=vision,
             text_config=dict(vocab_size=len(tok), rope_parameters={"rope_type": "default", "mrope_section": [2, 3, 3],
                                                                    "rope_theta": 10000.0}, **text),
             image_token_id=ids["<|image_pad|>"], video_token_id=ids["<|video_pad|>"],
             vision_start_token_id=ids["<|vision_start|>"], vision_end_token_id=ids["<|vision_end|>"])
         processor = Qwen2VLImageProcessorPil(min_pixels=16 * 16, max_pixels=48 * 48, patch_size=8, merge_size=2,
                                              temporal_patch_size=2)
-        placeholder, model_cls = "<|vision_start|><|image_pad|><|vision_end|>", Qwen2VLForConditionalGeneration
+        placeholder = "<|vision_start|><|image_pad|><|vision_end|>"
+        model_cls = Qwen2VLForConditionalGeneration if family == "qwen2_vl" else Qwen2_5_VLForConditionalGeneration
     elif family == "gemma3":
         from transformers import Gemma3Config, Gemma3ForConditionalGeneration, Gemma3TextConfig, SiglipVisionConfig
         from transformers.models.gemma3.image_processing_pil_gemma3 import Gemma3ImageProcessorPil

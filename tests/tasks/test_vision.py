@@ -20,7 +20,7 @@ from steering.tasks.evaluation.conditions import condition
 from steering.tasks.scoring import score_answers
 from tests.tiny import data_url, random_image
 
-FAMILIES = ["llava", "qwen2_vl", "gemma3"]
+FAMILIES = ["llava", "qwen2_vl", "qwen2_5_vl", "gemma3"]
 
 
 def model_logprob(lm, ids, placed, answer):
@@ -30,7 +30,7 @@ def model_logprob(lm, ids, placed, answer):
                                                                       for k in placed[0].tensors}}
     if lm.vision.family == "gemma3":
         kw["token_type_ids"] = (ii == lm.vision.image_token_id).long()
-    if lm.vision.family == "qwen2_vl":
+    if lm.vision.family in ("qwen2_vl", "qwen2_5_vl"):
         kw["mm_token_type_ids"] = (ii == lm.vision.image_token_id).int()
     with torch.no_grad():
         lp = lm.model(**kw).logits[0].double().log_softmax(-1)

@@ -29,7 +29,7 @@ def hf_inputs(lm, ids, placed):
     family = lm.vision.family
     if family == "gemma3":
         kw["token_type_ids"] = (ii == lm.vision.image_token_id).long()
-    if family == "qwen2_vl":
+    if family in ("qwen2_vl", "qwen2_5_vl"):
         kw["mm_token_type_ids"] = (ii == lm.vision.image_token_id).int()
     return kw
 
@@ -38,7 +38,7 @@ def greedy(tokens=10):
     return SamplingParams(max_tokens=tokens, temperature=0.0, ignore_eos=True)
 
 
-@pytest.mark.parametrize("family", ["llava", "qwen2_vl"])
+@pytest.mark.parametrize("family", ["llava", "qwen2_vl", "qwen2_5_vl"])
 def test_greedy_generation_with_an_image_equals_the_models_own_generate(vlm, images, family):
     lm = vlm(family)
     ids, placed = chat(lm, [images(1)])
@@ -66,7 +66,7 @@ def test_gemma3_images_attend_both_ways_and_the_prefill_is_the_models_own(vlm, i
     assert out.logprobs[0].logprob == pytest.approx(float(top.values[0]), abs=1e-4)
 
 
-@pytest.mark.parametrize("family", ["llava", "qwen2_vl", "gemma3"])
+@pytest.mark.parametrize("family", ["llava", "qwen2_vl", "qwen2_5_vl", "gemma3"])
 @pytest.mark.parametrize("kv", [True, False], ids=["kv-cache", "no-cache"])
 def test_batched_with_other_images_and_text_rows_equals_alone(vlm, images, family, kv):
     lm = vlm(family)

@@ -15,6 +15,7 @@ from steering.spec import SteeringApplication, SteeringSpec
 from steering.vectors import SteeringVector
 from tests.backends.vllm.conftest import env
 from tests.live import live_server, metrics
+from tests.tiny import data_url, random_image
 
 pytestmark = pytest.mark.vllm
 
@@ -93,6 +94,13 @@ def test_streaming_n_and_what_the_backend_refuses(served):
     five = {"vectors": [{"values": values(i), "scale": 1.0} for i in range(5)]}
     r = httpx.post(url + "/v1/chat/completions", json={**chat, "steering": five})
     assert r.status_code == 400 and "at most 4" in r.json()["error"]["message"]
+    picture = {"type": "image_url", "image_url": {"url": data_url(random_image(1))}}
+    r = httpx.post(url + "/v1/chat/completions", json={**chat, "messages": [
+        {"role": "user", "content": [picture, {"type": "text", "text": "hi"}]}]})
+    assert r.status_code == 400 and "does not take images" in r.json()["error"]["message"]
+    r = httpx.post(url + "/v1/chat/completions", json={**chat, "steering": {"vectors": [
+        {"values": values(0), "scale": 1.0, "positions": "image"}]}})
+    assert r.status_code == 400 and r.json()["error"]["param"] == "steering.vectors[0].positions"
 
 
 def test_analysis_loads_beside_vllm_on_first_use(served):
