@@ -179,6 +179,17 @@ class Inputs:
             return self.encode_chat_prompt(msgs)
         return self.placeholder_prompt(text, images)
 
+    def check_image_tokens(self, ids: Sequence[int], images: Sequence[PromptImage], param: str = "prompt") -> None:
+        """A vision-language model's prompt holds exactly its images' tokens: an image token no image fills (a
+        placeholder typed into the text, or sent as a token id) would run as a meaningless embedding."""
+        if self.vision is None:
+            return
+        count = sum(1 for t in ids if t == self.vision.image_token_id)
+        if count != sum(len(im.positions) for im in images):
+            raise InvalidRequestError(f"the prompt has {count} image tokens ({self.vision.image_token!r}) that no "
+                                      "image of the request fills; send images as content parts, not as text or "
+                                      "token ids", param=param)
+
     # -- decoding -----------------------------------------------------------------------------------------------
     def decode(self, ids: Sequence[int], skip_special_tokens: bool = False) -> str:
         return str(self.tokenizer.decode(list(ids), skip_special_tokens=skip_special_tokens))

@@ -103,6 +103,7 @@ class GenerationBackend(ABC):
             if any(not 0 <= p < len(ids) for p in at) or len(set(at)) != len(at):
                 raise InvalidRequestError("the images' positions are not distinct positions of the prompt",
                                           param="messages")
+        self.inputs.check_image_tokens(ids, request.images)
         if request.steering is None:
             return None
         return bind_images(self.resolve_steering(request.steering), image_positions(request.images))

@@ -21,6 +21,17 @@ from steering.vectors import SteeringVector
 from tests.live import live_server
 from tests.tiny import data_url, random_image
 
+TIMEOUT = 120.0
+"""Attributions and builds run on a shared 2-core machine: generous timeouts."""
+
+
+def post(url: str, **kw):
+    return httpx.post(url, timeout=TIMEOUT, **kw)
+
+
+def get(url: str, **kw):
+    return httpx.get(url, timeout=TIMEOUT, **kw)
+
 
 @pytest.fixture(scope="module")
 def vision(vlm, tmp_path_factory):
@@ -77,14 +88,14 @@ def test_the_openai_sdk_sends_an_image_and_gets_the_engines_steered_answer(visio
 
 def test_an_allowed_file_is_read_and_tokenize_counts_the_image_tokens(vision):
     url, _, lm, folder = vision
-    by_file = httpx.post(url + "/v1/chat/completions", json={
+    by_file = post(url + "/v1/chat/completions", json={
         "model": lm.name, "max_tokens": 6, "temperature": 0,
         "messages": user(image_part(f"file://{folder / 'cat.png'}"), text_part("Hi"))}).json()
-    inline = httpx.post(url + "/v1/chat/completions", json={
+    inline = post(url + "/v1/chat/completions", json={
         "model": lm.name, "max_tokens": 6, "temperature": 0,
         "messages": user(image_part(data_url(random_image(5))), text_part("Hi"))}).json()
     assert by_file["choices"][0]["message"]["content"] == inline["choices"][0]["message"]["content"]
-    tok = httpx.post(url + "/tokenize", json={"model": lm.name, "messages": user(image_part(data_url(random_image(5))),
+    tok = post(url + "/tokenize", json={"model": lm.name, "messages": user(image_part(data_url(random_image(5))),
                                                                                 text_part("Hi"))}).json()
     assert tok["count"] == by_file["usage"]["prompt_tokens"]
     assert tok["tokens"].count(lm.vision.image_token_id) == 16
@@ -118,7 +129,7 @@ WIRE = {"detail high", "empty URL"}
 def test_every_bad_image_is_a_400_naming_it(vision, case):
     url, _, lm, _ = vision
     part, words = BAD[case]
-    r = httpx.post(url + "/v1/chat/completions", json={"model": lm.name, "max_tokens": 4,
+    r = post(url + "/v1/chat/completions", json={"model": lm.name, "max_tokens": 4,
                                                        "messages": user(text_part("Look:"), part)})
     assert r.status_code == 400, r.text
     err = r.json()["error"]
@@ -130,13 +141,18 @@ def test_every_bad_image_is_a_400_naming_it(vision, case):
 def test_too_many_images_and_placeholders_written_as_text_are_400(vision):
     url, _, lm, _ = vision
     img = image_part(data_url(random_image(1)))
-    r = httpx.post(url + "/v1/chat/completions", json={"model": lm.name, "max_tokens": 4,
+    r = post(url + "/v1/chat/completions", json={"model": lm.name, "max_tokens": 4,
                                                        "messages": user(img, img, img, text_part("three"))})
     assert r.status_code == 400 and "at most 2" in r.json()["error"]["message"]
-    r = httpx.post(url + "/v1/chat/completions", json={"model": lm.name, "max_tokens": 4,
+    r = post(url + "/v1/chat/completions", json={"model": lm.name, "max_tokens": 4,
                                                        "messages": user(img, text_part("and <image> too"))})
     assert r.status_code == 400 and "placeholder" in r.json()["error"]["message"]
-    r = httpx.post(url + "/v1/chat/completions", json={
+    for body in ({"messages": [{"role": "user", "content": "no picture, only <image>"}]},
+                 {"prompt": "a typed <image> placeholder"}, {"prompt": [1, 2, lm.vision.image_token_id]}):
+        path = "/v1/chat/completions" if "messages" in body else "/v1/completions"
+        r = post(url + path, json={"model": lm.name, "max_tokens": 4, **body})
+        assert r.status_code == 400 and "no image of the request fills" in r.json()["error"]["message"], r.text
+    r = post(url + "/v1/chat/completions", json={
         "model": lm.name, "max_tokens": 4, "messages": user(text_part("no image here")),
         "steering": {"vectors": [{"values": {"1": [0.1] * lm.hidden_size}, "positions": "image"}]}})
     assert r.status_code == 400 and r.json()["error"]["param"] == "steering.vectors[0].positions"
@@ -144,7 +160,7 @@ def test_too_many_images_and_placeholders_written_as_text_are_400(vision):
 
 def test_a_text_model_refuses_images_with_a_400(server, model_name):
     url, _ = server
-    r = httpx.post(url + "/v1/chat/completions", json={
+    r = post(url + "/v1/chat/completions", json={
         "model": model_name, "max_tokens": 4,
         "messages": user(image_part(data_url(random_image(1))), text_part("What is this?"))})
     assert r.status_code == 400
@@ -154,7 +170,7 @@ def test_a_text_model_refuses_images_with_a_400(server, model_name):
 def _job(url: str, job_id: str) -> dict:
     deadline = time.time() + 120
     while time.time() < deadline:
-        job = httpx.get(f"{url}/v1/jobs/{job_id}").json()
+        job = get(f"{url}/v1/jobs/{job_id}").json()
         if job["status"] in ("succeeded", "failed", "cancelled"):
             return job
         time.sleep(0.05)
@@ -163,7 +179,7 @@ def _job(url: str, job_id: str) -> dict:
 
 def test_attribution_over_an_image_returns_its_patch_grid(vision):
     url, _, lm, _ = vision
-    r = httpx.post(url + "/v1/attributions", json={
+    r = post(url + "/v1/attributions", json={
         "model": lm.name, "messages": user(image_part(data_url(random_image(2))), text_part("What is this?")),
         "contrast": {"preferred": "a cat", "dispreferred": "a dog"}, "method": "integrated_gradients",
         "params": {"n_steps": 8}})
@@ -174,7 +190,7 @@ def test_attribution_over_an_image_returns_its_patch_grid(vision):
     scores = {t["position"]: t["score"] for t in body["input_tokens"]}
     assert [x for row in grid["scores"] for x in row] == [scores[p] for p in grid["positions"]]
     assert all(not t["special"] for t in body["input_tokens"] if t["position"] in grid["positions"])
-    bad = httpx.post(url + "/v1/attributions", json={
+    bad = post(url + "/v1/attributions", json={
         "model": lm.name, "messages": user(image_part("https://example.com/x.png"), text_part("Hi")),
         "target": "a cat"})
     assert bad.status_code == 400 and bad.json()["error"]["param"] == "messages[0].content[0].image_url"
@@ -185,7 +201,7 @@ def test_builds_sweeps_and_evaluations_take_image_examples_over_http(vision):
     examples = [{"prompt": "Describe the picture.", "preferred": p, "dispreferred": n,
                  "image": data_url(random_image(20 + i))}
                 for i, (p, n) in enumerate([("bright", "dark"), ("happy", "sad"), ("calm", "stormy")])]
-    r = httpx.post(url + "/v1/steering/vectors/build", json={
+    r = post(url + "/v1/steering/vectors/build", json={
         "name": "picture", "method": "caa", "examples": examples, "params": {"prompt_format": "chat"},
         "validation": examples, "sweep": {"scales": [0.5, 1], "layers": [1], "positions": ["image", "all"]}})
     assert r.status_code == 202, r.text
@@ -194,7 +210,7 @@ def test_builds_sweeps_and_evaluations_take_image_examples_over_http(vision):
     assert {row["positions"] for row in job["result"]["sweep"]["table"]} == {"image", "all"}
     questions = [{"question": e["prompt"], "best_answer": e["preferred"], "incorrect_answers": [e["dispreferred"]],
                   "image": e["image"]} for e in examples]
-    r = httpx.post(url + "/v1/evaluations", json={
+    r = post(url + "/v1/evaluations", json={
         "type": "truthfulqa", "questions": questions, "template": "{question}", "prompt_format": "chat",
         "conditions": [{"label": "img", "steering": {"vectors": [{"name": "picture", "scale": 4, "layers": [1],
                                                                   "positions": "image"}]}}]})
@@ -205,5 +221,5 @@ def test_builds_sweeps_and_evaluations_take_image_examples_over_http(vision):
     assert [c["label"] for c in rows][1:] == ["img"] and rows[0]["metrics"]["binary"] == \
         job["result"]["report"]["conditions"][0]["metrics"]["mc1"]  # two answers: binary is MC1
     bad = dict(examples[0], image="data:image/png;base64,AAAA")
-    r = httpx.post(url + "/v1/steering/vectors/build", json={"name": "bad", "method": "caa", "examples": [bad]})
+    r = post(url + "/v1/steering/vectors/build", json={"name": "bad", "method": "caa", "examples": [bad]})
     assert r.status_code == 400 and r.json()["error"]["param"] == "examples[0].image"

@@ -171,6 +171,7 @@ def prepare(model: ModelFront, request: AttributionRequest,
     if request.images and (not info.vision or any(not 0 <= p < len(ids) for p in at)):
         raise InvalidRequestError("this model does not take images" if not info.vision else
                                   "the images' positions are outside the prompt", param="messages")
+    model.inputs.check_image_tokens(ids, request.images)
     steering = resolve_for(model, request.steering) if request.steering is not None else None
     if steering is not None:
         steering = bind_images(steering, at)

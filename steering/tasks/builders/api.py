@@ -59,6 +59,7 @@ def encode(model: ModelFront, examples: list[PreferenceExample], params: Builder
     for i, e in enumerate(examples):
         pictures = [load_image(e.image, limits, f"{param}[{i}].image")] if e.image is not None else []
         prompt, placed = inputs.encode_prompt_images(e.prompt, pictures, params.prompt_format, params.system_prompt)
+        inputs.check_image_tokens(prompt, placed, f"{param}[{i}].prompt")
         pos = inputs.encode_continuation(sep + e.preferred)
         neg = inputs.encode_continuation(sep + e.dispreferred)
         if not prompt or not pos or not neg:

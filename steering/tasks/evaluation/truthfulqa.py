@@ -87,6 +87,7 @@ def encode_questions(model: ModelFront, items: Sequence[TruthfulQAItem], fmt: QA
         pictures = [load_image(item.image, images or ImageLimits(), f"{param}[{i}].image")] if item.image else []
         prompt, placed = inputs.encode_prompt_images(fmt.template.format(question=item.question), pictures,
                                                      fmt.prompt_format, fmt.system_prompt)
+        inputs.check_image_tokens(prompt, placed, f"{param}[{i}].question")
         trues = true_answers(item)
         answers = [inputs.encode_continuation(sep + a) for a in [*trues, *item.incorrect]]
         if not prompt or any(not a for a in answers):
