@@ -59,10 +59,12 @@ class JobContext(ABC):
     chunk_tokens: int
     """Token budget of one chunk: rows x sequence length of one forward (and its backward)."""
     vision: Any = None
-    """A vision-language model's images (None: text only): ``features(image)`` [tokens, hidden],
-    ``prompt_rope(ids, images)`` (multimodal rotary positions and the offset of later tokens), and ``front``
-    (:class:`steering.vision.VisionFront`: ``mrope``, ``bidirectional``). :mod:`steering.tasks.scoring` builds
-    packed rows' inputs from them."""
+    """A vision-language model's images (None: text only): ``features(image)`` [tokens, hidden], ``embed(ids,
+    rows)`` (token embeddings with each row's images' features in place), ``keep(keep, rows)`` (attention inside
+    an image both ways, where the model does that), ``prompt_rope(ids, images)`` (multimodal rotary positions and
+    the offset of later tokens), and ``front`` (:class:`steering.vision.VisionFront`). :mod:`steering.tasks.scoring`
+    builds packed rows' inputs from them (for the Hugging Face backend:
+    :class:`steering.backends.hf.vision.ImageEncoder`)."""
 
     @property
     def cancelled(self) -> bool:

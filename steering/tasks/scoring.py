@@ -29,14 +29,9 @@ def item_steering(ctx: JobContext, applications: Sequence[ResolvedApplication],
 def packed_embeddings(ctx: JobContext, batch: PackedBatch) -> torch.Tensor:
     """Input embeddings [n, L, d] of a packed batch: its tokens' embeddings, with each image's features in its
     tokens' places (a vision-language prompt). Detached: gradient work interpolates from here."""
-    emb = ctx.lm.model.get_input_embeddings()(batch.ids).detach()
     if not batch.has_images:
-        return emb
-    emb = emb.clone()
-    for r, images in enumerate(batch.images()):
-        for im in images:
-            emb[r, torch.tensor(im.positions, device=emb.device)] = ctx.vision.features(im).to(emb.dtype)
-    return emb
+        return ctx.lm.model.get_input_embeddings()(batch.ids).detach()
+    return ctx.vision.embed(batch.ids, batch.images())
 
 
 def packed_layout(ctx: JobContext, batch: PackedBatch) -> tuple[torch.Tensor | None, torch.Tensor]:
@@ -45,15 +40,8 @@ def packed_layout(ctx: JobContext, batch: PackedBatch) -> tuple[torch.Tensor | N
     attention inside each image in both directions, as the model's own forward would set them."""
     if not batch.has_images:
         return None, batch.keep
-    front = ctx.vision.front
-    keep, rope = batch.keep, None
-    if front.bidirectional:
-        keep = keep.clone()
-        for r, images in enumerate(batch.images()):
-            for im in images:
-                idx = torch.tensor(im.positions, device=keep.device)
-                keep[r, idx.unsqueeze(1), idx.unsqueeze(0)] = True
-    if front.mrope:
+    keep, rope = ctx.vision.keep(batch.keep, batch.images()), None
+    if ctx.vision.front.mrope:
         rope = batch.positions.unsqueeze(0).expand(3, -1, -1).clone()
         for r, segs in enumerate(batch.rows):
             for j, seg in enumerate(segs):

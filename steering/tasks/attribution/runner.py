@@ -191,12 +191,10 @@ class _PromptLayout:
     """Rotary positions and attention of rows that begin with a multimodal prompt (then its continuation)."""
 
     def __init__(self, ctx: JobContext, prompt_ids: list[int], images: tuple[PromptImage, ...]) -> None:
-        front = ctx.vision.front
+        self.vision, self.images = ctx.vision, images
         self.P = len(prompt_ids)
-        self.mrope, self.bidirectional = front.mrope, front.bidirectional
-        self.structured = self.mrope or self.bidirectional
-        self.rope = ctx.vision.prompt_rope(prompt_ids, images) if self.mrope else None
-        self.blocks = [torch.tensor(im.positions, device=ctx.lm.device) for im in images]
+        self.structured = self.vision.front.mrope or self.vision.front.bidirectional
+        self.rope = self.vision.prompt_rope(prompt_ids, images) if self.vision.front.mrope else None
 
     def __call__(self, positions: torch.Tensor) -> tuple[torch.Tensor | None, torch.Tensor | None]:
         n, L = positions.shape
@@ -205,8 +203,7 @@ class _PromptLayout:
             p, delta = self.rope
             rope = (positions + delta).unsqueeze(0).expand(3, -1, -1).clone()
             rope[:, :, : self.P] = p.unsqueeze(1)
-        if self.bidirectional:
-            keep = (torch.arange(L, device=positions.device).unsqueeze(0) <= positions.unsqueeze(-1)).clone()
-            for idx in self.blocks:
-                keep[:, idx.unsqueeze(1), idx.unsqueeze(0)] = True
+        if self.vision.front.bidirectional:
+            causal = torch.arange(L, device=positions.device).unsqueeze(0) <= positions.unsqueeze(-1)
+            keep = self.vision.keep(causal, [self.images] * n)
         return rope, keep
