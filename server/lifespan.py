@@ -17,6 +17,7 @@ from server.serving import Services, build_services
 from server.settings import ServerSettings, request_limits
 from steering.engine.base import GenerationBackend
 from steering.errors import SteeringError
+from steering.store import check_writable
 
 log = logging.getLogger(__name__)
 
@@ -101,6 +102,7 @@ def lifespan(state: AppState, backend: GenerationBackend | None) -> Lifespan:
         factory = BACKENDS[settings.backend]
         built: GenerationBackend | None = None
         try:
+            await asyncio.to_thread(check_writable, settings.vector_dir)  # before minutes of model loading
             built = await asyncio.to_thread(factory.build, settings)
             companion = factory.analysis
             services = build_services(settings, built, None if companion is None else lambda: companion(settings))
