@@ -55,7 +55,8 @@ def build_vllm(settings: ServerSettings) -> GenerationBackend:
                      gpu_memory_utilization=settings.vllm_gpu_memory_utilization,
                      kv_cache_gib=settings.vllm_kv_cache_gib, tensor_parallel_size=settings.vllm_tensor_parallel_size,
                      max_vectors_per_request=settings.vllm_max_vectors_per_request, bank_mib=settings.vllm_bank_mib,
-                     cache_dir=settings.cache_dir, engine_args=dict(settings.vllm_engine_args))
+                     cache_dir=settings.cache_dir, telemetry_every=settings.vllm_telemetry_every,
+                     engine_args=dict(settings.vllm_engine_args))
     return VLLMBackend(cfg, limits=request_limits(settings)).start()
 
 

@@ -7,8 +7,8 @@ from __future__ import annotations
 import json
 
 import httpx
-import torch
 import pytest
+import torch
 from prometheus_client.parser import text_string_to_metric_families
 
 from server.metrics import FAILURE_REASONS

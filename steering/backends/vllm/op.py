@@ -19,6 +19,12 @@ Two implementations of the same arithmetic (fp32, h rounded to the model dtype f
 * dense: computes every token of the step with masks and reads no host state, so it can be captured in a CUDA
   graph and replayed with new buffers; unsteered tokens are selected back unchanged.
 
+Telemetry (:mod:`steering.backends.change`): the steered tokens per layer are counted every step (the sparse op
+adds its plan's host counts once per step; the dense op adds on the device). On measured steps the op also adds
+each acting token's r = ||h' - h|| / ||h|| to its slot's sums (``index_add_``), from the norms it computes anyway;
+the dense op measures on every step, weighted by the ``tel_on`` flag, since a captured graph cannot branch. The
+steered bits are the same with telemetry on or off.
+
 The op is registered with ``direct_register_custom_op`` (it mutates hidden and residual; its fake is a no-op), so
 Dynamo and Inductor keep it opaque and it reads the live buffers at run time.
 """
@@ -28,8 +34,10 @@ from __future__ import annotations
 import time
 from dataclasses import dataclass
 
+import numpy as np
 import torch
 
+from steering.backends.change import relative_change
 from steering.backends.vllm.state import SteerState, get_state
 
 OP_NAME = "steer"
@@ -43,8 +51,8 @@ def _active(st: SteerState, slot: torch.Tensor, rows: torch.Tensor, pos: torch.T
 
 
 def _steered(st: SteerState, h: torch.Tensor, slot: torch.Tensor, rows: torch.Tensor,
-             active: torch.Tensor) -> torch.Tensor:
-    """h' for tokens h [M, H] (fp32), from their applications."""
+             active: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """h' for tokens h [M, H] (fp32), from their applications; with telemetry on, each token's r as well."""
     gate = active.to(torch.float32) * st.entry_scale[slot]
     norm = st.entry_norm[slot]
     n_delta = torch.zeros_like(h)
@@ -57,8 +65,24 @@ def _steered(st: SteerState, h: torch.Tensor, slot: torch.Tensor, rows: torch.Te
     before = torch.linalg.vector_norm(h, dim=-1, keepdim=True)
     y = h + n_delta
     after = torch.linalg.vector_norm(y, dim=-1, keepdim=True).clamp_min(torch.finfo(torch.float32).tiny)
+    r = None
+    if st.telemetry_every:  # every token: N = 0 gives after = before, R = 0 adds nothing
+        r = relative_change(before, after, _dot(n_delta, n_delta), _dot(r_delta, r_delta), _dot(h, r_delta),
+                            _dot(n_delta, r_delta))
     y = torch.where(has_norm, y * (before / after), y)
-    return y + r_delta
+    return y + r_delta, r
+
+
+def _dot(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+    return (a * b).sum(-1, keepdim=True)
+
+
+def _observe(st: SteerState, slots: torch.Tensor, r: torch.Tensor, weight: torch.Tensor | None = None) -> None:
+    """Add the acting tokens' r [M, 1] to their slots' sums (``weight`` [M]: which tokens count)."""
+    r = r.squeeze(1)
+    ones = torch.ones_like(r) if weight is None else weight
+    st.tel_sum.index_add_(0, slots, r if weight is None else r * weight)
+    st.tel_count.index_add_(0, slots, ones)
 
 
 def steer_impl(hidden: torch.Tensor, residual: torch.Tensor, positions: torch.Tensor, layer: int) -> None:
@@ -94,6 +118,8 @@ class _StepPlan:
     acts: torch.Tensor  # [L, M] some application acts on the token at the layer
     has_norm: torch.Tensor  # [L, M, 1] a normalising one does
     counts: list[tuple[int, int, int]]  # per layer: tokens acted on, with a normalising application, with another
+    slots: torch.Tensor  # [M] the steered tokens' slots
+    act_counts: np.ndarray  # [L] tokens acted on per layer (the telemetry's count)
     n_delta: torch.Tensor | None = None  # [L, M, H] the summed deltas, for small steps
     r_delta: torch.Tensor | None = None
 
@@ -130,7 +156,8 @@ def _build_plan(st: SteerState, idx: torch.Tensor, slot: torch.Tensor, base: tor
     has_raw = (on & ~norm.unsqueeze(0)).any(dim=2)
     counts = [tuple(c) for c in torch.stack([acts.sum(1), has_norm.sum(1), has_raw.sum(1)], 1).tolist()]
     plan = _StepPlan(n_tokens, idx, st.all_steered and n_tokens == M, rows, (gate * norm).unsqueeze(0) * on,
-                     (gate * ~norm).unsqueeze(0) * on, acts, has_norm.unsqueeze(2), counts)
+                     (gate * ~norm).unsqueeze(0) * on, acts, has_norm.unsqueeze(2), counts, slot,
+                     np.array([c[0] for c in counts], dtype=np.int64))
     if M * st.L * st.H <= _PRECOMPUTE_ELEMENTS:
         plan.n_delta = _deltas(st, rows, plan.gate_n) if st.any_norm else None
         plan.r_delta = _deltas(st, rows, plan.gate_r) if st.any_raw else None
@@ -151,6 +178,7 @@ def _step_plan(st: SteerState, positions: torch.Tensor, n_tokens: int) -> _StepP
         plan = _build_plan(st, idx, slot, base, n_tokens)
         st.plan_cache = (st.step_key, base, plan)
     st.step_cache = (st.step, plan)
+    st.layer_tokens += plan.act_counts  # once per step
     return plan
 
 
@@ -168,7 +196,11 @@ def _steer_sparse(st: SteerState, hidden: torch.Tensor, residual: torch.Tensor, 
         h = residual.add_(hidden)  # decode, every row steered by normalising vectors here: 8 ops, no copies
         before = torch.linalg.vector_norm(h, dim=-1, keepdim=True)
         h.add_(plan.n_delta[layer])
-        h.mul_(before.div_(torch.linalg.vector_norm(h, dim=-1, keepdim=True).clamp_min_(_TINY)))
+        after = torch.linalg.vector_norm(h, dim=-1, keepdim=True).clamp_min_(_TINY)
+        if st.measure:
+            nd = plan.n_delta[layer]
+            _observe(st, plan.slots, relative_change(before, after, _dot(nd, nd)))
+        h.mul_(before.div_(after))
         hidden.zero_()
         return
     sel = None if every else plan.acts[layer].nonzero().squeeze(1)
@@ -188,16 +220,29 @@ def _steer_sparse(st: SteerState, hidden: torch.Tensor, residual: torch.Tensor, 
         h = residual.add_(hidden)
     else:
         h = (hidden[idx].float() + residual[idx].float()).to(dt).float()
-    if n_norm:
+    n_delta = delta(plan.n_delta, plan.gate_n) if n_norm else None
+    r_delta = delta(plan.r_delta, plan.gate_r) if n_raw else None
+    measure = st.measure
+    hr = _dot(h, r_delta) if measure and n_delta is not None and r_delta is not None else None
+    if n_delta is not None:
         before = torch.linalg.vector_norm(h, dim=-1, keepdim=True)
-        h.add_(delta(plan.n_delta, plan.gate_n))
-        ratio = before.div_(torch.linalg.vector_norm(h, dim=-1, keepdim=True).clamp_min_(_TINY))
+        h.add_(n_delta)
+        after = torch.linalg.vector_norm(h, dim=-1, keepdim=True).clamp_min_(_TINY)
+        if measure:
+            _observe(st, part(plan.slots), relative_change(
+                before, after, _dot(n_delta, n_delta), None if r_delta is None else _dot(r_delta, r_delta), hr,
+                None if r_delta is None else _dot(n_delta, r_delta)))
+        ratio = before.div_(after)
         if n_norm == n_act:
             h.mul_(ratio)
         else:  # tokens with only other applications at this layer keep h + 0
             h.copy_(torch.where(part(plan.has_norm[layer]), h * ratio, h))
-    if n_raw:
-        h.add_(delta(plan.r_delta, plan.gate_r))
+    elif measure:
+        assert r_delta is not None
+        _observe(st, part(plan.slots), relative_change(torch.linalg.vector_norm(h, dim=-1, keepdim=True),
+                                                       r2=_dot(r_delta, r_delta)))
+    if r_delta is not None:
+        h.add_(r_delta)
     if whole:
         if h.data_ptr() != residual.data_ptr():
             residual.copy_(h)
@@ -216,9 +261,12 @@ def _steer_dense(st: SteerState, hidden: torch.Tensor, residual: torch.Tensor, p
     any_tok = active.any(dim=1, keepdim=True)
     dt = residual.dtype
     h = (hidden.float() + residual.float()).to(dt).float()
-    y = _steered(st, h, slot, rows, active).to(dt)
-    residual.copy_(torch.where(any_tok, y, residual))
+    y, r = _steered(st, h, slot, rows, active)
+    residual.copy_(torch.where(any_tok, y.to(dt), residual))
     hidden.masked_fill_(any_tok, 0)
+    st.layer_tokens_dev[layer] += any_tok.sum()
+    if r is not None:  # every step (a captured graph cannot branch), counted on measured steps (tel_on)
+        _observe(st, slot, r, any_tok.squeeze(1).to(torch.float32) * st.tel_on)
 
 
 def steer_fake(hidden: torch.Tensor, residual: torch.Tensor, positions: torch.Tensor, layer: int) -> None:

@@ -116,3 +116,33 @@ def test_probes_and_metrics(served):
     assert any(k.startswith("steerserve_generation_tokens") and v > 0 for k, v in values_.items())
     assert any(k.startswith("steerserve_steered_requests") for k in values_)
     assert httpx.get(url + "/version").json()["vllm"] == "0.32.0"
+
+
+def test_steering_telemetry_is_pulled_from_the_workers_at_scrape_time(served, hf_ref):
+    """A steered request's relative change is observed under its vector's name and its steered tokens counted per
+    layer, as the workers measured them (pulled over the worker RPC when /metrics is scraped); the counts are
+    the Hugging Face engine's for the same request."""
+    url, _ = served
+    r = httpx.post(url + "/v1/steering/vectors", json={"name": "tele", "values": values(3)})
+    assert r.status_code == 201, r.text
+    steering = {"vectors": [{"name": "tele", "scale": 6.0, "normalize": True, "layers": [1, 2]}]}
+    before = metrics(url)
+    body = {"model": "tiny", "prompt": PROMPT, "max_tokens": 8, "temperature": 0, "ignore_eos": True,
+            "steering": steering}
+    assert httpx.post(url + "/v1/completions", json=body).status_code == 200
+    change = 'steerserve_steering_relative_change_count{"vector": "tele"}'
+    deadline = time.time() + 60
+    while (after := metrics(url)).get(change, 0) < 1:  # the workers release the slot at their next step
+        assert time.time() < deadline
+        time.sleep(0.2)
+    assert after[change] == 1
+    mean = after['steerserve_steering_relative_change_sum{"vector": "tele"}']
+    assert 0 < mean <= 2  # normalised steering rotates h: ||h' - h|| <= 2 ||h||
+    vec = SteeringVector({int(k): torch.tensor(v) for k, v in values(3).items()})
+    ids = hf_ref.inputs.tokenizer(PROMPT, add_special_tokens=False)["input_ids"]
+    want = hf_ref.generate(ids, SamplingParams(max_tokens=8, temperature=0, ignore_eos=True), SteeringSpec(
+        [SteeringApplication(vec, 6.0, layers=[1, 2], normalize=True)])).steering_telemetry
+    assert want is not None
+    for layer in range(4):
+        key = f'steerserve_steered_tokens_total{{"layer": "{layer}"}}'
+        assert after.get(key, 0) - before.get(key, 0) == want.layer_tokens.get(layer, 0)
