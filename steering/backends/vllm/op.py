@@ -96,7 +96,25 @@ def steer_impl(hidden: torch.Tensor, residual: torch.Tensor, positions: torch.Te
     elif not st.suspended and st.num_steered and st.layer_active[layer]:
         t0 = time.perf_counter()
         _steer_sparse(st, hidden, residual, positions, layer)
+        if layer == st.last_layer and st.tel_pending:
+            _measure_pending(st)
         st.op_seconds += time.perf_counter() - t0
+
+
+def _measure_pending(st: SteerState) -> None:
+    """r of the layers the in-place path steered this step, from the norms it kept: one pass over them all."""
+    cached = st.step_cache
+    assert cached is not None
+    plan, layers = cached[1], st.tel_pending
+    assert plan.norms is not None and plan.n_delta is not None
+    if plan.n2 is None:
+        plan.n2 = _dot(plan.n_delta, plan.n_delta)
+    at = torch.tensor(layers, device=plan.norms.device)
+    norms = plan.norms[:, at]
+    r = relative_change(norms[0], norms[1], plan.n2[at]).sum(0).squeeze(1)  # [M] summed over the layers
+    st.tel_sum.index_add_(0, plan.slots, r)
+    st.tel_count.index_add_(0, plan.slots, torch.full_like(r, len(layers)))
+    st.tel_pending = []
 
 
 _PRECOMPUTE_ELEMENTS = 1 << 21
@@ -122,6 +140,8 @@ class _StepPlan:
     act_counts: np.ndarray  # [L] tokens acted on per layer (the telemetry's count)
     n_delta: torch.Tensor | None = None  # [L, M, H] the summed deltas, for small steps
     r_delta: torch.Tensor | None = None
+    norms: torch.Tensor | None = None  # [2, L, M, 1] before and after, kept on measured steps (in-place path)
+    n2: torch.Tensor | None = None  # [L, M, 1] ||n_delta||^2, on the plan's first measured step
 
 
 def _deltas(st: SteerState, rows: torch.Tensor, gates: torch.Tensor) -> torch.Tensor:
@@ -197,9 +217,12 @@ def _steer_sparse(st: SteerState, hidden: torch.Tensor, residual: torch.Tensor, 
         before = torch.linalg.vector_norm(h, dim=-1, keepdim=True)
         h.add_(plan.n_delta[layer])
         after = torch.linalg.vector_norm(h, dim=-1, keepdim=True).clamp_min_(_TINY)
-        if st.measure:
-            nd = plan.n_delta[layer]
-            _observe(st, plan.slots, relative_change(before, after, _dot(nd, nd)))
+        if st.measure:  # keep the norms; r of every such layer at once, after the step's last layer
+            if plan.norms is None:
+                plan.norms = torch.empty(2, st.L, hidden.shape[0], 1, dtype=torch.float32, device=h.device)
+            plan.norms[0, layer].copy_(before)
+            plan.norms[1, layer].copy_(after)
+            st.tel_pending.append(layer)
         h.mul_(before.div_(after))
         hidden.zero_()
         return

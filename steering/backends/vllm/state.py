@@ -86,6 +86,10 @@ class SteerState:
         """Steered tokens per layer counted by the sparse op (the dense op's are on the device)."""
         self.measure = False
         """This step's r is measured (sparse op; the dense op reads ``tel_on``)."""
+        self.tel_pending: list[int] = []
+        """Layers whose norms the sparse op kept this step, measured together after ``last_layer``."""
+        self.last_layer = -1
+        """The step's last steered layer."""
         self._measured_epoch = -1
         self._tel_on = False  # what tel_on holds
         self._finished: deque[tuple[str, torch.Tensor]] = deque()
@@ -331,6 +335,8 @@ class SteerState:
                 active |= self._slot_layers[s]
                 kinds.append(self._slot_kind[s])
             self.layer_active = [layer in active for layer in range(self.L)]
+            self.last_layer = max(active, default=-1)
+            self.tel_pending = []
             self.k_used = max(k for k, _, _ in kinds)
             self.any_norm = any(n for _, n, _ in kinds)
             self.any_raw = any(r for _, _, r in kinds)
