@@ -101,17 +101,50 @@ def steer_impl(hidden: torch.Tensor, residual: torch.Tensor, positions: torch.Te
         st.op_seconds += time.perf_counter() - t0
 
 
+def _delta_products(plan: _StepPlan) -> tuple[torch.Tensor | None, torch.Tensor | None, torch.Tensor | None]:
+    """||N||^2, ||R||^2 and <N, R> of every layer's precomputed deltas ([L, M, 1] each), once per plan."""
+    if plan.products is None:
+        n, r = plan.n_delta, plan.r_delta
+        plan.products = (None if n is None else _dot(n, n), None if r is None else _dot(r, r),
+                         None if n is None or r is None else _dot(n, r))
+    return plan.products
+
+
+def _keep_norms(st: SteerState, plan: _StepPlan, layer: int, before: torch.Tensor, after: torch.Tensor | None,
+                hr: torch.Tensor | None) -> None:
+    """On a measured step whose deltas were planned, a layer acting on every steered token keeps its norms (and
+    <h, R>); :func:`_measure_pending` turns every such layer's into r at once, after the step's last layer."""
+    if plan.norms is None:
+        plan.norms = torch.zeros(3, st.L, plan.slots.shape[0], 1, dtype=torch.float32, device=before.device)
+    plan.norms[0, layer].copy_(before)
+    plan.norms[1, layer].copy_(before if after is None else after)  # no normalising application: a = b
+    if st.any_norm and st.any_raw:
+        if hr is None:  # no other application here (R = 0): <h, R> = 0
+            plan.norms[2, layer].zero_()
+        else:
+            plan.norms[2, layer].copy_(hr)
+    st.tel_pending.append(layer)
+
+
 def _measure_pending(st: SteerState) -> None:
-    """r of the layers the in-place path steered this step, from the norms it kept: one pass over them all."""
+    """r of the layers that kept their norms this step, in one pass over them all (from the plan's products of
+    the deltas: ||N||^2, ||R||^2, <N, R> are 0 where nothing of that kind acts)."""
     cached = st.step_cache
     assert cached is not None
     plan, layers = cached[1], st.tel_pending
-    assert plan.norms is not None and plan.n_delta is not None
-    if plan.n2 is None:
-        plan.n2 = _dot(plan.n_delta, plan.n_delta)
+    assert plan.norms is not None
+    n2, r2, nr = _delta_products(plan)
     at = torch.tensor(layers, device=plan.norms.device)
-    norms = plan.norms[:, at]
-    r = relative_change(norms[0], norms[1], plan.n2[at]).sum(0).squeeze(1)  # [M] summed over the layers
+    b, a, hr = plan.norms[:, at]
+    if n2 is not None:
+        if r2 is not None and nr is not None:
+            r = relative_change(b, a, n2[at], r2[at], hr, nr[at])
+        else:
+            r = relative_change(b, a, n2[at])
+    else:
+        assert r2 is not None
+        r = relative_change(b, r2=r2[at])
+    r = r.sum(0).squeeze(1)  # [M] summed over the layers
     st.tel_sum.index_add_(0, plan.slots, r)
     st.tel_count.index_add_(0, plan.slots, torch.full_like(r, len(layers)))
     st.tel_pending = []
@@ -141,7 +174,8 @@ class _StepPlan:
     n_delta: torch.Tensor | None = None  # [L, M, H] the summed deltas, for small steps
     r_delta: torch.Tensor | None = None
     norms: torch.Tensor | None = None  # [2, L, M, 1] before and after, kept on measured steps (in-place path)
-    n2: torch.Tensor | None = None  # [L, M, 1] ||n_delta||^2, on the plan's first measured step
+    products: tuple[torch.Tensor | None, torch.Tensor | None, torch.Tensor | None] | None = None
+    """||N||^2, ||R||^2, <N, R> of the planned deltas [L, M, 1], on the plan's first measured step."""
 
 
 def _deltas(st: SteerState, rows: torch.Tensor, gates: torch.Tensor) -> torch.Tensor:
@@ -217,12 +251,8 @@ def _steer_sparse(st: SteerState, hidden: torch.Tensor, residual: torch.Tensor, 
         before = torch.linalg.vector_norm(h, dim=-1, keepdim=True)
         h.add_(plan.n_delta[layer])
         after = torch.linalg.vector_norm(h, dim=-1, keepdim=True).clamp_min_(_TINY)
-        if st.measure:  # keep the norms; r of every such layer at once, after the step's last layer
-            if plan.norms is None:
-                plan.norms = torch.empty(2, st.L, hidden.shape[0], 1, dtype=torch.float32, device=h.device)
-            plan.norms[0, layer].copy_(before)
-            plan.norms[1, layer].copy_(after)
-            st.tel_pending.append(layer)
+        if st.measure:
+            _keep_norms(st, plan, layer, before, after, None)
         h.mul_(before.div_(after))
         hidden.zero_()
         return
@@ -246,24 +276,31 @@ def _steer_sparse(st: SteerState, hidden: torch.Tensor, residual: torch.Tensor, 
     n_delta = delta(plan.n_delta, plan.gate_n) if n_norm else None
     r_delta = delta(plan.r_delta, plan.gate_r) if n_raw else None
     measure = st.measure
+    pending = measure and sel is None and (plan.n_delta is not None or plan.r_delta is not None)
     hr = _dot(h, r_delta) if measure and n_delta is not None and r_delta is not None else None
+    if measure and not pending:  # a layer acting on some tokens, or deltas not planned (prefill): measured here
+        n2 = None if n_delta is None else _dot(n_delta, n_delta)
+        r2 = None if r_delta is None else _dot(r_delta, r_delta)
+        nr = None if n_delta is None or r_delta is None else _dot(n_delta, r_delta)
     if n_delta is not None:
         before = torch.linalg.vector_norm(h, dim=-1, keepdim=True)
         h.add_(n_delta)
         after = torch.linalg.vector_norm(h, dim=-1, keepdim=True).clamp_min_(_TINY)
-        if measure:
-            _observe(st, part(plan.slots), relative_change(
-                before, after, _dot(n_delta, n_delta), None if r_delta is None else _dot(r_delta, r_delta), hr,
-                None if r_delta is None else _dot(n_delta, r_delta)))
+        if pending:
+            _keep_norms(st, plan, layer, before, after, hr)
+        elif measure:
+            _observe(st, part(plan.slots), relative_change(before, after, n2, r2, hr, nr))
         ratio = before.div_(after)
         if n_norm == n_act:
             h.mul_(ratio)
         else:  # tokens with only other applications at this layer keep h + 0
             h.copy_(torch.where(part(plan.has_norm[layer]), h * ratio, h))
     elif measure:
-        assert r_delta is not None
-        _observe(st, part(plan.slots), relative_change(torch.linalg.vector_norm(h, dim=-1, keepdim=True),
-                                                       r2=_dot(r_delta, r_delta)))
+        b = torch.linalg.vector_norm(h, dim=-1, keepdim=True)
+        if pending:
+            _keep_norms(st, plan, layer, b, None, None)
+        else:
+            _observe(st, part(plan.slots), relative_change(b, r2=r2))
     if r_delta is not None:
         h.add_(r_delta)
     if whole:
