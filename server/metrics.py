@@ -83,6 +83,9 @@ class Metrics:
                                lbl + ["finished_reason"], registry=r)
         self.failure = Counter("steerserve_request_failure", "Requests that failed.", lbl + ["reason"],
                                registry=r)
+        self.generation_requests = Counter("steerserve_generation_requests", "Generation requests accepted (chat "
+                                           "and completions; once per request, whatever its prompts and n): the "
+                                           "denominator of the steered share.", lbl, registry=r)
         self.steered = Counter("steerserve_steered_requests", "Requests steered, by vector (once per request "
                                "and vector with a non-zero scale, whatever its n).", lbl + ["vector"], registry=r)
         self.steered_tokens = Counter("steerserve_steered_tokens", "Tokens steered, by decoder layer (a token counts "
@@ -130,6 +133,7 @@ class Metrics:
             self.failure.labels(m, reason)
         self.prompt_tokens.labels(m)
         self.generation_tokens.labels(m)
+        self.generation_requests.labels(m)
 
     def bind_jobs(self, backend: GenerationBackend) -> None:
         """Jobs run on another backend than generation (vLLM generates, Hugging Face analyses)."""
@@ -158,6 +162,9 @@ class Metrics:
     def rejected(self, reason: str) -> None:
         """Kept for callers that used to count their own refusals: every refusal is now counted once, where it
         becomes an error response (:func:`server.errors.count_refusal`), so counting here would count it twice."""
+
+    def generation_request(self) -> None:
+        self.generation_requests.labels(self.model_name).inc()
 
     def steered_request(self, vectors: Iterable[str]) -> None:
         """One steered request (all of its ``n`` choices together): once per distinct vector."""

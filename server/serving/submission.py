@@ -88,6 +88,8 @@ class Submitter:
                 h.cancel()
             raise
         self.live.update(handles)
+        if count:
+            self.metrics.generation_request()
         resolved = handles[0].steering
         if resolved is not None and count:  # one request, however many choices: once per vector that changes anything
             self.metrics.steered_request(steering_labels(resolved))
