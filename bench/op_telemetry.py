@@ -6,7 +6,8 @@ Prints the op's time per step (30 layer calls after one fill) for: telemetry off
 step measured (``1``: the cost of a measured step) and the default (``8``), each the median of interleaved rounds,
 and the ratios to "off". Run it on the commit before the telemetry too (it then measures "off" only)::
 
-    python bench/op_telemetry.py [--rounds 7] [--steps 400] [--raw]   # --raw: half the vectors not normalising
+    python bench/op_telemetry.py [--rounds 7] [--steps 400] [--raw] [--every 0,1,8]
+    # --raw: half the vectors not normalising; --every 0 alone: the same work as the commit before
 """
 
 from __future__ import annotations
@@ -77,10 +78,13 @@ def main() -> None:
     ap.add_argument("--rounds", type=int, default=7)
     ap.add_argument("--steps", type=int, default=400)
     ap.add_argument("--raw", action="store_true", help="half the requests steer without normalize")
+    ap.add_argument("--every", default="0,1,8", help="the telemetry_every values to run (0: off)")
     args = ap.parse_args()
     torch.set_num_threads(1)
     has_telemetry = "telemetry_every" in inspect.signature(SteerState.__init__).parameters
-    configs = {"off": 0, "every step": 1, "every 8th (default)": 8} if has_telemetry else {"(no telemetry)": None}
+    names = {0: "off", 1: "every step", 8: "every 8th (default)"}
+    configs = ({names.get(n, f"every {n}th"): n for n in map(int, args.every.split(","))} if has_telemetry
+               else {"(no telemetry)": None})
     states = {name: build(every, args.raw) for name, every in configs.items()}
     for st, runner in states.values():
         run(st, runner, 50)  # warm-up
