@@ -11,33 +11,12 @@ import pytest
 
 from tests.live import live_server, vec_values
 
-try:  # imported by the browser fixture, which fails or skips without it
+try:  # the browser fixture (tests/conftest.py) fails or skips without it
     from playwright.sync_api import expect
 except ImportError:  # pragma: no cover
     expect = None
-from tests.tools import BROWSER, tool
 
 pytestmark = pytest.mark.browser
-
-CHROMIUM_ARGS = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-background-networking",
-                 "--disable-component-update", "--disable-sync", "--no-first-run", "--disable-quic"]
-
-
-@pytest.fixture(scope="module")
-def browser():
-    chromium = tool("chromium", BROWSER, "Debian package chromium", "/usr/bin/chromium")
-    try:
-        from playwright.sync_api import expect, sync_playwright
-    except ImportError:
-        from tests.tools import missing
-
-        missing("needs playwright (pip install -e '.[test]')", BROWSER)
-    expect.set_options(timeout=60_000)
-    with sync_playwright() as p:
-        b = p.chromium.launch(executable_path=chromium, headless=True, args=CHROMIUM_ARGS)
-        yield b
-        b.close()
-
 
 @pytest.fixture(scope="module")
 def site(engine, tiny_lm, tmp_path_factory):

