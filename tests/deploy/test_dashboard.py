@@ -96,8 +96,27 @@ def query(prom: str, expr: str) -> list[dict]:
     return r.json()["data"]["result"]
 
 
-def traffic(url: str, model: str, lm) -> dict[str, int]:
-    """A little of everything the dashboard shows, spread over a few seconds; returns what it provoked."""
+def scraped(prom: str) -> None:
+    """Wait until Prometheus has scraped the server successfully after now (so what happened before is in a sample
+    of its own, however slow a loaded machine makes the scrapes)."""
+    from datetime import datetime
+
+    now = time.time()
+    deadline = now + 60
+    targets: list[dict] = []
+    while time.time() < deadline:
+        targets = httpx.get(prom + "/api/v1/targets").json()["data"]["activeTargets"]
+        for target in targets:  # one (before Prometheus has discovered it: none yet)
+            last = datetime.fromisoformat(target["lastScrape"].replace("Z", "+00:00")).timestamp()
+            if last > now and target["health"] == "up":
+                return
+        time.sleep(0.2)
+    raise AssertionError(f"no successful scrape within 60 s: {targets}")
+
+
+def traffic(url: str, prom: str, model: str, lm) -> dict[str, int]:
+    """A little of everything the dashboard shows, in rounds that Prometheus scrapes apart; returns what it
+    provoked."""
     seen = {"queue_full": 0, "invalid": 0}
     with SteerClient(url) as client:
         client.upload_vector("dash-a", vec_values(lm, 1))
@@ -119,7 +138,7 @@ def traffic(url: str, model: str, lm) -> dict[str, int]:
             r = httpx.post(url + "/v1/attributions", json={"prompt": "The quick brown fox", "target": " jumps",
                                                           "method": "saliency"}, timeout=60)
             assert r.status_code == 200, r.text
-            time.sleep(1.5)
+            scraped(prom)  # each round's increments in a sample of their own: every rate sees them
         # a burst the one-slot, one-place queue cannot hold: some are refused with 503
         statuses: list[int] = []
 
@@ -135,6 +154,7 @@ def traffic(url: str, model: str, lm) -> dict[str, int]:
             t.join()
         seen["queue_full"] = statuses.count(503)
         assert set(statuses) <= {200, 503}
+        scraped(prom)
     return seen
 
 
@@ -146,9 +166,9 @@ def test_every_dashboard_expression_returns_data_from_a_real_prometheus(promethe
     with live_server(engine, vector_dir=tmp_path / "vectors") as (url, _):
         prom = prometheus(url.removeprefix("http://"))
         t0 = time.monotonic()
-        seen = traffic(url, tiny_lm.name, tiny_lm)
+        seen = traffic(url, prom, tiny_lm.name, tiny_lm)
         assert seen["queue_full"] >= 1 and seen["invalid"] == 3
-        time.sleep(3)  # a few more scrapes after the traffic
+        scraped(prom)
         window = f"{int(time.monotonic() - t0) + 10}s"
         empty, not_finite = [], []
         for expr in exprs:
@@ -158,7 +178,8 @@ def test_every_dashboard_expression_returns_data_from_a_real_prometheus(promethe
                 empty.append(expr)
             elif not any(math.isfinite(v) for v in values):
                 not_finite.append((expr, values))
-        assert not empty and not not_finite, {"no data": empty, "no finite value": not_finite}
+        scrapes = query(prom, f"count_over_time(up[{window}])"), query(prom, f"sum_over_time(up[{window}])")
+        assert not empty and not not_finite, {"no data": empty, "no finite value": not_finite, "scrapes, up": scrapes}
         print(f"{len(exprs)} expressions returned data (rate window {window})")
         # the template variable's query: Grafana's label_values(metric, label)
         for var in dashboard["templating"]["list"]:
