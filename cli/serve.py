@@ -2,8 +2,9 @@
 :class:`server.settings.ServerSettings`, so every setting has a flag, shown in ``--help`` with its default and its
 ``STEERSERVE_*`` environment variable; a flag overrides the variable, which overrides the default.
 
-The model is checked before uvicorn starts (a missing path is one line on stderr and exit status 2), and a model
-that fails to load while the server starts stops it with exit status 2, so a supervisor sees the failure."""
+The model and the vector directory are checked before uvicorn starts (a missing model path or a directory that
+cannot be written is one line on stderr and exit status 2), and a model that fails to load while the server starts
+stops it with exit status 2, so a supervisor sees the failure."""
 
 from __future__ import annotations
 
@@ -90,6 +91,7 @@ def serve(**given: Any) -> None:
     from server.app import create_app
     from server.run import build_server
     from steering.errors import ModelLoadError
+    from steering.store import VectorDirError, check_writable
 
     threads = given.pop("threads", None)
     settings = settings_from_options(given)
@@ -97,7 +99,8 @@ def serve(**given: Any) -> None:
     try:
         hf = settings.backend == "hf"
         check_model(settings.model, settings.device if hf else None, settings.dtype if hf else None)
-    except ModelLoadError as exc:
+        check_writable(settings.vector_dir)
+    except (ModelLoadError, VectorDirError) as exc:
         fail(exc, LOAD_FAILED_EXIT)
     apply_threads(threads)
     quiet_transformers()

@@ -15,7 +15,7 @@ from server.errors import install_error_handlers
 from server.lifespan import BACKENDS, AppState, lifespan
 from server.middleware import BodyLimits, HTTPMetrics
 from server.openapi import AllowMethods, install_openapi
-from server.routes import attribution, evaluation, jobs, openai, probes, tokenize, unavailable, vectors
+from server.routes import attribution, evaluation, jobs, openai, playground, probes, tokenize, unavailable, vectors
 from server.settings import ServerSettings
 from steering import __version__
 from steering.engine.base import AnalysisBackend, GenerationBackend
@@ -37,7 +37,7 @@ def create_app(settings: ServerSettings | None = None, backend: GenerationBacken
         analysis = isinstance(backend, AnalysisBackend)
     else:
         analysis = BACKENDS[settings.backend].analysis is not None
-    for module in (probes, openai, tokenize, vectors):
+    for module in (probes, openai, tokenize, vectors, playground):
         app.include_router(module.router)
     for module in (attribution, evaluation, jobs) if analysis else (unavailable,):
         app.include_router(module.router)

@@ -17,6 +17,7 @@ from server.serving import Services, build_services
 from server.settings import ServerSettings, request_limits
 from steering.engine.base import GenerationBackend
 from steering.errors import SteeringError
+from steering.store import check_writable
 
 log = logging.getLogger(__name__)
 
@@ -54,7 +55,8 @@ def build_vllm(settings: ServerSettings) -> GenerationBackend:
                      gpu_memory_utilization=settings.vllm_gpu_memory_utilization,
                      kv_cache_gib=settings.vllm_kv_cache_gib, tensor_parallel_size=settings.vllm_tensor_parallel_size,
                      max_vectors_per_request=settings.vllm_max_vectors_per_request, bank_mib=settings.vllm_bank_mib,
-                     cache_dir=settings.cache_dir, engine_args=dict(settings.vllm_engine_args))
+                     cache_dir=settings.cache_dir, telemetry_every=settings.vllm_telemetry_every,
+                     engine_args=dict(settings.vllm_engine_args))
     return VLLMBackend(cfg, limits=request_limits(settings)).start()
 
 
@@ -101,6 +103,7 @@ def lifespan(state: AppState, backend: GenerationBackend | None) -> Lifespan:
         factory = BACKENDS[settings.backend]
         built: GenerationBackend | None = None
         try:
+            await asyncio.to_thread(check_writable, settings.vector_dir)  # before minutes of model loading
             built = await asyncio.to_thread(factory.build, settings)
             companion = factory.analysis
             services = build_services(settings, built, None if companion is None else lambda: companion(settings))

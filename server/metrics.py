@@ -25,6 +25,8 @@ from prometheus_client import (
 )
 
 from steering.engine.base import GenerationBackend
+from steering.engine.types import SteeringTelemetry, TelemetryReport
+from steering.spec import ResolvedSteering
 from steering.store import VectorStore
 
 disable_created_metrics()  # no *_created series: dashboards only need the counters themselves
@@ -32,6 +34,8 @@ disable_created_metrics()  # no *_created series: dashboards only need the count
 _LATENCY = (0.001, 0.005, 0.01, 0.02, 0.04, 0.06, 0.08, 0.1, 0.25, 0.5, 0.75, 1.0, 2.5, 5.0, 7.5, 10.0,
             20.0, 40.0, 80.0)
 _HTTP = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0, 120.0, 300.0)
+_CHANGE = (0.001, 0.002, 0.005, 0.01, 0.02, 0.05, 0.1, 0.2, 0.3, 0.5, 0.75, 1.0, 1.5, 2.0, 5.0, 10.0)
+"""Buckets of the relative change r = ||h' - h|| / ||h|| (normalised steering rotates: r <= 2)."""
 _E2E = (0.3, 0.5, 0.8, 1.0, 1.5, 2.0, 2.5, 5.0, 10.0, 15.0, 20.0, 30.0, 40.0, 50.0, 60.0, 120.0, 240.0, 480.0)
 
 
@@ -45,6 +49,17 @@ HTTP_METHODS = frozenset({"GET", "HEAD", "POST", "PUT", "PATCH", "DELETE", "OPTI
 
 UNMATCHED_ROUTE = "unmatched"
 """The ``route`` label of a request that matched no route (never the raw path: cardinality stays bounded)."""
+
+
+def vector_labels(names: Iterable[str | None]) -> list[str]:
+    """The ``vector`` labels of applied vectors: a stored vector's name, ``inline`` for one given in the request
+    (so clients cannot grow the series set at will: names are only those of the store)."""
+    return list(dict.fromkeys(name or "inline" for name in names))
+
+
+def steering_labels(resolved: ResolvedSteering) -> list[str]:
+    """The labels of the vectors a resolved steering applies (with a non-zero scale)."""
+    return vector_labels(app.name for app in resolved.active)
 
 
 class Metrics:
@@ -68,8 +83,17 @@ class Metrics:
                                lbl + ["finished_reason"], registry=r)
         self.failure = Counter("steerserve_request_failure", "Requests that failed.", lbl + ["reason"],
                                registry=r)
+        self.generation_requests = Counter("steerserve_generation_requests", "Generation requests accepted (chat "
+                                           "and completions; once per request, whatever its prompts and n): the "
+                                           "denominator of the steered share.", lbl, registry=r)
         self.steered = Counter("steerserve_steered_requests", "Requests steered, by vector (once per request "
                                "and vector with a non-zero scale, whatever its n).", lbl + ["vector"], registry=r)
+        self.steered_tokens = Counter("steerserve_steered_tokens", "Tokens steered, by decoder layer (a token counts "
+                                      "once per layer some vector acts on it there).", lbl + ["layer"], registry=r)
+        self.relative_change = Histogram(
+            "steerserve_steering_relative_change", "Per steered request, the mean over its steered tokens and layers "
+            "of ||h' - h|| / ||h|| (h the decoder layer's output), by vector (each vector the request applied; "
+            "inline vectors as 'inline').", lbl + ["vector"], buckets=_CHANGE, registry=r)
         self.ttft = Histogram("steerserve_time_to_first_token_seconds", "Time to first token.", lbl,
                               buckets=_LATENCY, registry=r)
         self.itl = Histogram("steerserve_inter_token_latency_seconds", "Time between tokens.", lbl,
@@ -109,6 +133,7 @@ class Metrics:
             self.failure.labels(m, reason)
         self.prompt_tokens.labels(m)
         self.generation_tokens.labels(m)
+        self.generation_requests.labels(m)
 
     def bind_jobs(self, backend: GenerationBackend) -> None:
         """Jobs run on another backend than generation (vLLM generates, Hugging Face analyses)."""
@@ -138,10 +163,34 @@ class Metrics:
         """Kept for callers that used to count their own refusals: every refusal is now counted once, where it
         becomes an error response (:func:`server.errors.count_refusal`), so counting here would count it twice."""
 
+    def generation_request(self) -> None:
+        self.generation_requests.labels(self.model_name).inc()
+
     def steered_request(self, vectors: Iterable[str]) -> None:
         """One steered request (all of its ``n`` choices together): once per distinct vector."""
         for name in dict.fromkeys(vectors):
             self.steered.labels(self.model_name, name).inc()
+
+    def steering_measured(self, vectors: Iterable[str], telemetry: SteeringTelemetry) -> None:
+        """A steered request's telemetry: its mean relative change under each vector it applied, its steered
+        tokens per layer."""
+        m = self.model_name
+        change = telemetry.relative_change
+        if change is not None:
+            for name in dict.fromkeys(vectors):
+                self.relative_change.labels(m, name).observe(change)
+        self.layer_tokens(telemetry.layer_tokens)
+
+    def layer_tokens(self, counts: dict[int, int]) -> None:
+        for layer, n in counts.items():
+            if n:
+                self.steered_tokens.labels(self.model_name, str(layer)).inc(n)
+
+    def telemetry_report(self, report: TelemetryReport) -> None:
+        """What a backend measured in its workers since the last scrape."""
+        for names, telemetry in report.requests:
+            self.steering_measured(vector_labels(names), telemetry)
+        self.layer_tokens(report.layer_tokens)
 
     def http_request(self, method: str, route: str, status: int, seconds: float) -> None:
         method = method if method in HTTP_METHODS else "other"

@@ -94,6 +94,8 @@ class ServerSettings(BaseSettings):
     vllm_max_vectors_per_request: int = Field(4, ge=1, le=16, description="vllm: steering vectors one request "
                                                                           "may apply")
     vllm_bank_mib: float = Field(64.0, gt=0, description="vllm: memory of the workers' vector bank (MiB)")
+    vllm_telemetry_every: int = Field(8, ge=0, description="vllm: measure the steering's relative change on every "
+                                                           "n-th steered step in the workers (0: never)")
     vllm_engine_args: dict[str, Any] = Field(default_factory=dict, description="vllm: further engine arguments, as "
                                                                               "JSON (vLLM's names)")
 

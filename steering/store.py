@@ -33,7 +33,7 @@ from dataclasses import dataclass, field, replace
 from pathlib import Path
 
 from steering.engine.types import ModelIdentity
-from steering.errors import ConflictError, NotFoundError, SteeringValidationError
+from steering.errors import ConflictError, NotFoundError, SteeringError, SteeringValidationError
 from steering.vectors import SteeringVector
 
 try:
@@ -67,6 +67,26 @@ class ModelMismatchError(SteeringValidationError):
 
 class VectorExistsError(ConflictError):
     """A vector of that name already exists (and overwrite was not asked for)."""
+
+
+class VectorDirError(SteeringError):
+    """The store's directory cannot be created or written (a read-only volume, a file in its place, no
+    permission): a server must not start on it, since every upload and build would fail."""
+
+
+def check_writable(root: str | os.PathLike) -> Path:
+    """Create ``root`` if needed and prove it can be written (a temporary file is created and removed there);
+    raise :class:`VectorDirError` saying why not."""
+    path = Path(root).expanduser()
+    try:
+        path.mkdir(parents=True, exist_ok=True)
+        fd, name = tempfile.mkstemp(prefix=".steerserve-write-check.", suffix=".tmp", dir=path)
+        os.close(fd)
+        os.unlink(name)
+    except OSError as exc:
+        raise VectorDirError(f"the vector directory {path} cannot be written ({exc.strerror or exc}); give the "
+                             "server a writable --vector-dir (STEERSERVE_VECTOR_DIR)") from exc
+    return path
 
 
 RESERVED = frozenset({"build", "reload"})

@@ -151,3 +151,26 @@ def images():
         return load_image(data_url(random_image(seed, size)), ImageLimits())
 
     return _get
+
+
+CHROMIUM_ARGS = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-background-networking",
+                 "--disable-component-update", "--disable-sync", "--no-first-run", "--disable-quic"]
+"""Debian's Chromium as root, headless, on a machine with no network but loopback."""
+
+
+@pytest.fixture(scope="module")
+def browser():
+    """Debian's Chromium driven by Playwright (never ``playwright install``); skips without them, fails under
+    ``STEERSERVE_REQUIRE_BROWSER=1``."""
+    from tests.tools import BROWSER, missing, tool
+
+    chromium = tool("chromium", BROWSER, "Debian package chromium", "/usr/bin/chromium")
+    try:
+        from playwright.sync_api import expect, sync_playwright
+    except ImportError:
+        missing("needs playwright (pip install -e '.[test]')", BROWSER)
+    expect.set_options(timeout=60_000)
+    with sync_playwright() as p:
+        b = p.chromium.launch(executable_path=chromium, headless=True, args=CHROMIUM_ARGS)
+        yield b
+        b.close()

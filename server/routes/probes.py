@@ -3,6 +3,8 @@ is not draining), ``/version``, ``/metrics`` (Prometheus)."""
 
 from __future__ import annotations
 
+import asyncio
+import logging
 from typing import Any
 
 from fastapi import APIRouter, Request
@@ -13,6 +15,7 @@ from server.auth import Role
 from server.deps import StateDep, bearer, require
 from steering import __version__
 
+log = logging.getLogger(__name__)
 router = APIRouter(tags=["probes"])
 
 
@@ -57,5 +60,13 @@ async def metrics(state: StateDep, request: Request) -> Response:
     if state.settings.metrics_require_key:
         await require(Role.read)(state, await bearer(request))
     svc = state.services
-    body = generate_latest(svc.metrics.registry) if svc else b""
-    return Response(body, media_type=CONTENT_TYPE_LATEST)
+    if svc is None:
+        return Response(b"", media_type=CONTENT_TYPE_LATEST)
+    try:  # telemetry the backend's workers measured since the last scrape (vLLM); a failure costs only that
+        report = await asyncio.to_thread(svc.backend.pull_telemetry)
+    except Exception:  # noqa: BLE001 - the scrape still answers
+        log.warning("could not collect the steering telemetry", exc_info=True)
+        report = None
+    if report is not None:
+        svc.metrics.telemetry_report(report)
+    return Response(generate_latest(svc.metrics.registry), media_type=CONTENT_TYPE_LATEST)

@@ -18,7 +18,7 @@ from server.serving.tokenizer import TokenizerService
 from server.serving.vectors import VectorService
 from server.settings import ServerSettings, request_limits
 from steering.engine.base import AnalysisBackend, GenerationBackend
-from steering.store import VectorStore
+from steering.store import VectorStore, check_writable
 from steering.tasks import attribution as attr
 from steering.tasks import builders
 
@@ -51,6 +51,7 @@ def build_services(settings: ServerSettings, backend: GenerationBackend,
     """The services over ``backend``. Analysis jobs run on ``backend`` when it can run them; otherwise on the
     backend ``analysis()`` builds (when ``settings.analysis`` says: at start, on first use, or never)."""
     info = backend.info
+    check_writable(settings.vector_dir)  # a store nobody can write fails the start, not the first upload
     store = VectorStore(settings.vector_dir, info.identity())
     store.load_all()
     backend.use_vectors(store)

@@ -7,7 +7,7 @@ import asyncio
 from collections.abc import AsyncGenerator, AsyncIterator, Sequence
 from dataclasses import dataclass
 
-from server.metrics import Metrics
+from server.metrics import Metrics, steering_labels
 from server.protocol.common import AppliedSteering
 from steering.engine.base import GenerationBackend
 from steering.engine.handles import RequestHandle
@@ -90,9 +90,11 @@ class Submitter:
                 h.cancel()
             raise
         self.live.update(handles)
+        if count:
+            self.metrics.generation_request()
         resolved = handles[0].steering
         if resolved is not None and count:  # one request, however many choices: once per vector that changes anything
-            self.metrics.steered_request(app.name or "inline" for app in resolved.active)
+            self.metrics.steered_request(steering_labels(resolved))
         return Submitted(handles, len(prompt_ids))
 
     def abandon(self, sub: Submitted) -> None:
@@ -116,6 +118,8 @@ class Submitter:
                 if out.finished:
                     finished = True
                     self.metrics.finished(out.finish_reason, out.num_prompt_tokens, generated, out.metrics)
+                    if out.steering_telemetry is not None and handle.steering is not None:
+                        self.metrics.steering_measured(steering_labels(handle.steering), out.steering_telemetry)
                 yield out
         finally:
             self.live.discard(handle)

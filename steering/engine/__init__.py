@@ -14,6 +14,8 @@ from steering.engine.types import (
     Progress,
     RequestMetrics,
     RequestOutput,
+    SteeringTelemetry,
+    TelemetryReport,
 )
 
 __all__ = [
@@ -32,6 +34,8 @@ __all__ = [
     "RequestHandle",
     "RequestMetrics",
     "RequestOutput",
+    "SteeringTelemetry",
+    "TelemetryReport",
     "Work",
     "resolve_for",
     "scaled",

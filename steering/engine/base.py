@@ -18,7 +18,7 @@ from abc import ABC, abstractmethod
 from typing import TYPE_CHECKING, Any, Protocol, TypeVar
 
 from steering.engine.handles import JobHandle, RequestHandle
-from steering.engine.types import EngineStats, GenerationRequest, GenerationResult, ModelInfo
+from steering.engine.types import EngineStats, GenerationRequest, GenerationResult, ModelInfo, TelemetryReport
 from steering.errors import InvalidRequestError
 from steering.inputs import Inputs
 from steering.limits import RequestLimits
@@ -122,6 +122,13 @@ class GenerationBackend(ABC):
 
     @abstractmethod
     def stats(self) -> EngineStats: ...
+
+    def pull_telemetry(self) -> TelemetryReport | None:
+        """The steering telemetry measured since the last call, for a backend that cannot attach it to each
+        request's last output (its workers measure in other processes); blocking, called when metrics are
+        scraped, off the event loop. None (the default): this backend attaches it to the outputs
+        (:attr:`~steering.engine.types.RequestOutput.steering_telemetry`)."""
+        return None
 
     @abstractmethod
     def alive(self) -> bool: ...

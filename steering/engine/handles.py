@@ -119,6 +119,7 @@ class RequestHandle:
             num_cached_tokens=next((o.num_cached_tokens for o in reversed(outs) if o.num_cached_tokens is not None),
                                    None),
             prompt_logprobs=next((o.prompt_logprobs for o in outs if o.prompt_logprobs is not None), None),
+            steering_telemetry=last.steering_telemetry,
         )
 
     def result(self) -> GenerationResult:

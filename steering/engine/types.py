@@ -82,6 +82,32 @@ class RequestMetrics:
 
 
 @dataclass
+class SteeringTelemetry:
+    """What a request's steering did to its hidden states: r = ||h' - h|| / ||h|| summed over the (token, layer)
+    pairs it was measured on (every steered pair, or a sample of the steps) and their number, and the steered
+    tokens per layer (empty where the backend counts them for all requests together)."""
+
+    change_sum: float = 0.0
+    measured: int = 0
+    layer_tokens: dict[int, int] = field(default_factory=dict)
+
+    @property
+    def relative_change(self) -> float | None:
+        """The mean r over the measured pairs; None when none was measured."""
+        return self.change_sum / self.measured if self.measured else None
+
+
+@dataclass
+class TelemetryReport:
+    """Steering telemetry a backend measured away from its requests' outputs (in its worker processes), since its
+    last report: each finished steered request's, with the names of the vectors it applied (None for an inline
+    one), and the steered tokens per layer of all its requests together."""
+
+    requests: list[tuple[tuple[str | None, ...], SteeringTelemetry]] = field(default_factory=list)
+    layer_tokens: dict[int, int] = field(default_factory=dict)
+
+
+@dataclass
 class RequestOutput:
     """What one step produced for one request: a delta. The last one has ``finished`` set."""
 
@@ -102,6 +128,9 @@ class RequestOutput:
     prompt_logprobs: list[TokenLogprob | None] | None = None
     """With ``sampling.prompt_logprobs``: one entry per prompt token, the first None (nothing precedes it); set
     on the request's first output only."""
+    steering_telemetry: SteeringTelemetry | None = None
+    """On a steered request's last output, from backends that measure it in the request's own process (the
+    Hugging Face engine); others report it later (:meth:`GenerationBackend.pull_telemetry`)."""
 
 
 @dataclass
@@ -117,6 +146,8 @@ class GenerationResult:
     num_cached_tokens: int | None = None
     prompt_logprobs: list[TokenLogprob | None] | None = None
     """With ``sampling.prompt_logprobs``: as :attr:`RequestOutput.prompt_logprobs` (from the first output)."""
+    steering_telemetry: SteeringTelemetry | None = None
+    """As :attr:`RequestOutput.steering_telemetry` (from the last output)."""
 
 
 @dataclass(frozen=True)

@@ -191,3 +191,37 @@ def test_serve_options_read_flags_then_env(monkeypatch, tiny_dir, tmp_path):
     assert bad.exit_code == 2 and "--port" in bad.output and "STEERSERVE_PORT" in bad.output
     bad = CliRunner().invoke(app, ["serve", "--model", str(tiny_dir), "--dtype", "float7"], env=env)
     assert bad.exit_code == 2 and "unknown dtype 'float7'" in bad.stderr and "settings" not in seen
+
+
+def test_serve_with_a_vector_dir_it_cannot_write_exits_at_once_with_one_line(tmp_path):
+    """A file where the directory should be (root can write anywhere else, so this is the unwritable case every
+    user meets): exit status 2 and one line naming the directory, before uvicorn and before the model loads."""
+    from tests.live import free_port
+
+    blocker = tmp_path / "not-a-dir"
+    blocker.write_text("x")
+    proc, seconds = _run_serve(["--port", str(free_port()), "--vector-dir", str(blocker / "vectors")], {},
+                               timeout=60)
+    assert proc.returncode == 2, proc.stderr
+    lines = proc.stderr.strip().splitlines()
+    assert len(lines) == 1 and "cannot be written" in lines[0] and str(blocker / "vectors") in lines[0], proc.stderr
+    assert "Traceback" not in proc.stderr and "Uvicorn running" not in proc.stderr
+
+
+def test_a_server_started_without_the_cli_reports_an_unwritable_vector_dir_and_never_becomes_ready(tmp_path,
+                                                                                                 tiny_dir):
+    """The lifespan checks the directory before loading the model: /ready and /health say why, no model loads."""
+    from tests.live import live_server
+
+    blocker = tmp_path / "file"
+    blocker.write_text("x")
+    with live_server(model=str(tiny_dir), device="cpu", vector_dir=blocker / "vectors") as (url, app):
+        deadline = time.time() + 30
+        while app.state.steerserve.load_error is None:
+            assert time.time() < deadline
+            time.sleep(0.05)
+        ready, health = httpx.get(url + "/ready"), httpx.get(url + "/health")
+        assert ready.status_code == health.status_code == 503
+        assert "cannot be written" in ready.json()["reason"] and "cannot be written" in health.json()["error"]
+        assert app.state.steerserve.services is None
+

@@ -8,6 +8,7 @@ import json
 
 import httpx
 import pytest
+import torch
 from prometheus_client.parser import text_string_to_metric_families
 
 from server.metrics import FAILURE_REASONS
@@ -156,3 +157,37 @@ def test_process_metrics_are_exported(server):
             "python_info"} <= names
     values = metrics(url)
     assert m(values, "process_resident_memory_bytes") > 0
+
+
+def test_steering_telemetry_per_vector_and_per_layer(vectors, model_name, tiny_lm, engine):
+    """A steered request's mean relative change is observed under each vector it applied (inline ones as
+    'inline'), and its steered tokens are counted per layer: the values the engine measured for it."""
+    from steering.sampling import SamplingParams
+    from steering.spec import SteeringApplication, SteeringSpec
+
+    url = vectors
+    inline = vec_values(tiny_lm, 7, [2])
+    steering = [{"name": "met-a", "scale": 2.0, "layers": [1, 3], "normalize": True},
+                {"values": {"2": inline[2]}, "scale": 1.5}]
+    before = metrics(url)
+    r = complete(url, model_name, steering, max_tokens=4, ignore_eos=True)
+    assert r.status_code == 200, r.text
+    assert complete(url, model_name, None).status_code == 200  # unsteered: measures nothing
+    after = metrics(url)
+    # the same request straight on the engine: its telemetry is what the server observed
+    from steering.vectors import SteeringVector
+
+    prompt = tiny_lm.inputs.encode_text("Hello")
+    spec = SteeringSpec([SteeringApplication("met-a", 2.0, layers=[1, 3], normalize=True),
+                         SteeringApplication(SteeringVector({2: torch.tensor(inline[2])}), 1.5)])
+    tel = engine.generate(prompt, SamplingParams(max_tokens=4, temperature=0, ignore_eos=True),
+                          spec).steering_telemetry
+    assert tel is not None and tel.layer_tokens == {1: len(prompt) + 3, 2: len(prompt) + 3, 3: len(prompt) + 3}
+    change = "steerserve_steering_relative_change"
+    for vector in ("met-a", "inline"):
+        assert delta(before, after, change + "_count", vector=vector) == 1
+        assert delta(before, after, change + "_sum", vector=vector) == pytest.approx(tel.relative_change, rel=1e-5)
+    assert delta(before, after, change + "_count", vector="met-b") == 0
+    for layer, n in tel.layer_tokens.items():
+        assert delta(before, after, "steerserve_steered_tokens_total", layer=str(layer)) == n
+    assert delta(before, after, "steerserve_steered_tokens_total", layer="0") == 0

@@ -30,6 +30,7 @@ from typing import TypeVar
 import torch
 
 from steering.backends.grammar import GrammarCompiler
+from steering.backends.hf.hooks import StepTelemetry
 from steering.backends.hf.jobs import JobRun
 from steering.backends.hf.kv_cache import SlotKVCache
 from steering.backends.hf.loading import LoadedModel
@@ -231,11 +232,15 @@ class HFEngine(GenerationBackend, AnalysisBackend):
             rope, deltas = images.rope(pos, [(s.req.prompt_token_ids, s.req.images) for s in seqs])
             for s, delta in zip(seqs, deltas, strict=True):
                 s.rope_delta = delta
+        # measured with the KV cache only: without it every step recomputes (and would recount) whole sequences
+        tel = self._telemetry(seqs, pos < torch.tensor([s.length for s in seqs], device=dev).unsqueeze(1)) \
+            if prefill else None
         out = self.runner.forward(
             input_ids=None if embeds is not None else ids.to(dev), inputs_embeds=embeds, positions=pos,
             prompt_lens=torch.tensor([s.prompt_len for s in seqs], device=dev), keep=keep,
             steering=[s.apps for s in seqs], kv="prefill" if prefill else None,
-            slot_start=len(self.scheduler.running), rope_positions=rope)
+            slot_start=len(self.scheduler.running), rope_positions=rope, telemetry=tel)
+        self._measured(seqs, tel)
         hidden = out.last_hidden_state
         for i, s in enumerate(seqs):
             if s.wants_prompt_logprobs:
@@ -244,6 +249,18 @@ class HFEngine(GenerationBackend, AnalysisBackend):
                                                     s.params.prompt_logprobs)
         last = torch.tensor([s.length - 1 for s in seqs], device=dev)
         return self.lm.logits(hidden[torch.arange(n, device=dev), last])
+
+    def _telemetry(self, seqs: Seq[Sequence], valid: torch.Tensor | None = None) -> StepTelemetry | None:
+        """Accumulators for a forward's steering measures, when a row is steered."""
+        if not any(s.apps for s in seqs):
+            return None
+        return StepTelemetry(len(seqs), self.lm.num_layers, self.lm.device, valid)
+
+    @staticmethod
+    def _measured(seqs: Seq[Sequence], tel: StepTelemetry | None) -> None:
+        if tel is not None:
+            for seq, (change, tokens) in zip(seqs, tel.rows(), strict=True):
+                seq.measured(change, tokens)
 
     def _prefill(self) -> None:
         s = self.scheduler
@@ -287,10 +304,12 @@ class HFEngine(GenerationBackend, AnalysisBackend):
         if any(s.rope_delta for s in seqs):  # multimodal rotary positions: every later token is offset
             rope = (pos + torch.tensor([[s.rope_delta] for s in seqs], device=dev)).unsqueeze(0).expand(3, -1, -1)
         try:
+            tel = self._telemetry(seqs)
             out = self.runner.forward(
                 input_ids=ids, positions=pos, prompt_lens=torch.tensor([s.prompt_len for s in seqs], device=dev),
                 steering=[s.apps for s in seqs], steering_key=tuple(s.uid for s in seqs), kv="decode",
-                rope_positions=rope)
+                rope_positions=rope, telemetry=tel)
+            self._measured(seqs, tel)
             logits = self.lm.logits(out.last_hidden_state[:, -1])
         except Exception as exc:  # noqa: BLE001
             log.exception("decode step failed")

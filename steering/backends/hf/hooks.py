@@ -9,6 +9,11 @@ per token, a gate matrix ([B, T, V]) holding each application's scale where it i
 so steering a whole mixed batch costs a few elementwise ops per steered layer (the per-layer deltas, one small
 matmul, are cached while the batch is unchanged). Rows and tokens with no active application are left
 bit-for-bit unchanged.
+
+The engine's forwards also pass a :class:`StepTelemetry`: each steered layer adds, per row, the relative change
+r = ||h' - h|| / ||h|| of its steered tokens and their count, from the norms the arithmetic computes anyway
+(:mod:`steering.backends.change`), so measuring costs a few per-token scalar ops (and one dot product per layer
+where normalising and other applications meet on a token). Job forwards (gradients) measure nothing.
 """
 
 from __future__ import annotations
@@ -20,6 +25,7 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
+from steering.backends.change import relative_change
 from steering.errors import SteeringOverflowError
 from steering.spec import Positions, ResolvedApplication
 
@@ -55,6 +61,23 @@ def to_device(apps: Sequence[ResolvedApplication], device: torch.device,
 class _LayerTable:
     norm_vectors: torch.Tensor | None  # [Vn, d]
     raw_vectors: torch.Tensor | None  # [Vr, d]
+    norm_has: torch.Tensor | None = None  # [Vn] bool: the application has a value at this layer
+    raw_has: torch.Tensor | None = None  # [Vr]
+
+
+class StepTelemetry:
+    """Per-row sums of one forward's steering: r over the steered (token, layer) pairs and their number per layer,
+    on the model's device; the engine reads them once after the forward (:meth:`rows`). ``valid`` [B, T]: the
+    tokens that are real (a batched prefill pads shorter rows)."""
+
+    def __init__(self, rows: int, num_layers: int, device: torch.device, valid: torch.Tensor | None = None) -> None:
+        self.change = torch.zeros(rows, dtype=torch.float32, device=device)
+        self.tokens = torch.zeros(rows, num_layers, dtype=torch.int64, device=device)
+        self.valid = valid
+
+    def rows(self) -> list[tuple[float, list[int]]]:
+        """Each row's (sum of r, steered tokens per layer)."""
+        return list(zip(self.change.tolist(), self.tokens.tolist(), strict=True))
 
 
 class SteeringBatch:
@@ -78,12 +101,14 @@ class SteeringBatch:
         zero = torch.zeros(hidden_size, device=device, dtype=dtype)
         self.tables: dict[int, _LayerTable] = {}
         for layer in layers:
-            nv = rv = None
+            nv = rv = nh = rh = None
             if norm_apps and any(layer in a.values for _, a in norm_apps):
                 nv = torch.stack([a.values.get(layer, zero) for _, a in norm_apps])
+                nh = torch.tensor([layer in a.values for _, a in norm_apps], device=device)
             if raw_apps and any(layer in a.values for _, a in raw_apps):
                 rv = torch.stack([a.values.get(layer, zero) for _, a in raw_apps])
-            self.tables[layer] = _LayerTable(nv, rv)
+                rh = torch.tensor([layer in a.values for _, a in raw_apps], device=device)
+            self.tables[layer] = _LayerTable(nv, rv, nh, rh)
         # Per-application rules, vectorised: the row, the scale, and the position kind.
         self._norm_rule = self._rules(norm_apps)
         self._raw_rule = self._rules(raw_apps)
@@ -137,6 +162,7 @@ class StepSteering:
         self.norm_gates = norm_gates  # [B, T, Vn]
         self.raw_gates = raw_gates  # [B, T, Vr]
         self._deltas: dict[int, tuple[torch.Tensor | None, torch.Tensor | None]] = {}
+        self._measures: dict[int, _Measure] = {}
 
     def _layer_deltas(self, layer: int, table: _LayerTable):
         cached = self._deltas.get(layer)
@@ -151,23 +177,67 @@ class StepSteering:
             cached = self._deltas[layer] = (norm, raw)  # [B, T, d] each
         return cached
 
-    def apply(self, layer: int, h: torch.Tensor) -> torch.Tensor:
+    def _measure(self, layer: int, table: _LayerTable, norm: torch.Tensor | None,
+                 raw: torch.Tensor | None) -> _Measure:
+        """What r needs from the deltas alone (cached with them): the steered tokens, ||N||^2, ||R||^2, <N, R>."""
+        cached = self._measures.get(layer)
+        if cached is None:
+            acts = None
+            if norm is not None:
+                assert self.norm_gates is not None and table.norm_has is not None
+                acts = ((self.norm_gates != 0) & table.norm_has).any(-1)
+            if raw is not None:
+                assert self.raw_gates is not None and table.raw_has is not None
+                r_acts = ((self.raw_gates != 0) & table.raw_has).any(-1)
+                acts = r_acts if acts is None else acts | r_acts
+            assert acts is not None
+            nf = None if norm is None else norm.float()
+            rf = None if raw is None else raw.float()
+            cached = self._measures[layer] = _Measure(
+                acts, None if nf is None else nf.square().sum(-1, keepdim=True),
+                None if rf is None else rf.square().sum(-1, keepdim=True),
+                None if nf is None or rf is None else (nf * rf).sum(-1, keepdim=True))
+        return cached
+
+    def apply(self, layer: int, h: torch.Tensor, telemetry: StepTelemetry | None = None) -> torch.Tensor:
         """h' = (h + N) ||h|| / ||h + N|| + R per token. A token with nothing to add keeps its exact bits:
-        its delta is 0 and both norms are computed identically, so its ratio is exactly 1."""
+        its delta is 0 and both norms are computed identically, so its ratio is exactly 1. With ``telemetry``,
+        each row's r and steered tokens at this layer are added to it."""
         table = self.batch.tables.get(layer)
         if table is None:
             return h
         norm_delta, raw_delta = self._layer_deltas(layer, table)
         inplace = not torch.is_grad_enabled()  # inference: rewrite the layer output in place
+        before = after = hr = None
+        if telemetry is not None and raw_delta is not None:
+            if norm_delta is None:
+                before = torch.linalg.vector_norm(h, dim=-1, keepdim=True)
+            else:
+                hr = (h.float() * raw_delta.float()).sum(-1, keepdim=True)
         if norm_delta is not None:
             before = torch.linalg.vector_norm(h, dim=-1, keepdim=True)
             h = h.add_(norm_delta) if inplace else h + norm_delta
             after = torch.linalg.vector_norm(h, dim=-1, keepdim=True).clamp_min_(torch.finfo(h.dtype).tiny)
-            ratio = before.div_(after)
+            ratio = before / after
             h = h.mul_(ratio) if inplace else h * ratio
         if raw_delta is not None:
             h = h.add_(raw_delta) if inplace else h + raw_delta
+        if telemetry is not None:
+            assert before is not None
+            m = self._measure(layer, table, norm_delta, raw_delta)
+            r = relative_change(before.float(), None if after is None else after.float(), m.n2, m.r2, hr, m.nr)
+            acts = m.acts if telemetry.valid is None else m.acts & telemetry.valid
+            telemetry.change += torch.where(acts, r.squeeze(-1), 0.0).sum(1)
+            telemetry.tokens[:, layer] += acts.sum(1)
         return h
+
+
+@dataclass
+class _Measure:
+    acts: torch.Tensor  # [B, T] bool: some application with a value at this layer acts on the token
+    n2: torch.Tensor | None  # [B, T, 1] ||N||^2
+    r2: torch.Tensor | None  # [B, T, 1] ||R||^2
+    nr: torch.Tensor | None  # [B, T, 1] <N, R>
 
 
 class SteeringHooks:
@@ -176,6 +246,7 @@ class SteeringHooks:
 
     def __init__(self, layers: nn.ModuleList) -> None:
         self._step: StepSteering | None = None
+        self._telemetry: StepTelemetry | None = None
         self._capture: Callable[[int, torch.Tensor], None] | None = None
         self._handles = [layer.register_forward_hook(self._make_hook(i)) for i, layer in enumerate(layers)]
 
@@ -187,7 +258,7 @@ class SteeringHooks:
                 return None
             h = output[0] if isinstance(output, tuple) else output
             if step is not None and steer:
-                h = step.apply(index, h)
+                h = step.apply(index, h, self._telemetry)
             if capture is not None:
                 capture(index, h)
             if not steer:
@@ -206,17 +277,21 @@ class SteeringHooks:
             self._capture = None
 
     @contextlib.contextmanager
-    def active(self, step: StepSteering | None) -> Iterator[None]:
-        """Apply ``step`` during the enclosed forward pass; always cleared afterwards."""
+    def active(self, step: StepSteering | None, telemetry: StepTelemetry | None = None) -> Iterator[None]:
+        """Apply ``step`` during the enclosed forward pass (measuring into ``telemetry``); always cleared
+        afterwards."""
         self._step = step if step is not None and not step.batch.empty else None
+        self._telemetry = telemetry
         try:
             yield
         finally:
             self._step = None
+            self._telemetry = None
 
     def remove(self) -> None:
         for h in self._handles:
             h.remove()
         self._handles.clear()
         self._step = None
+        self._telemetry = None
         self._capture = None

@@ -14,7 +14,7 @@ from steering.backends.hf.detokenize import IncrementalDetokenizer
 from steering.backends.hf.hooks import DeviceApplication
 from steering.backends.hf.sampler import RowSampling, make_generator
 from steering.engine.handles import RequestHandle
-from steering.engine.types import GenerationRequest, RequestMetrics, RequestOutput
+from steering.engine.types import GenerationRequest, RequestMetrics, RequestOutput, SteeringTelemetry
 from steering.errors import RequestFailedError
 from steering.sampling import TokenLogprob
 
@@ -26,7 +26,7 @@ class Sequence:
 
     __slots__ = ("uid", "req", "handle", "params", "tokens", "prompt_len", "generated", "detok", "generator",
                  "apps", "metrics", "banned_until_min", "eos_ids", "finish_reason", "stop_reason", "matcher",
-                 "grammar_eos", "prompt_logprobs", "_first_sent", "rope_delta")
+                 "grammar_eos", "prompt_logprobs", "_first_sent", "rope_delta", "telemetry")
 
     def __init__(self, req: GenerationRequest, handle: RequestHandle, apps: list[DeviceApplication],
                  tokenizer: Any, eos_ids: set[int], device: torch.device, matcher: Any = None) -> None:
@@ -56,6 +56,19 @@ class Sequence:
         self._first_sent = False
         self.rope_delta = 0
         """A multimodal prompt's rotary offset: a later token at position p has rotary position p + delta."""
+        self.telemetry = SteeringTelemetry() if apps else None
+        """What its steering did so far (the engine adds each forward's measures): sent with the last output."""
+
+    def measured(self, change: float, layer_tokens: list[int]) -> None:
+        """Add one forward's measures of this row: the sum of r and the steered tokens per layer."""
+        tel = self.telemetry
+        if tel is None:
+            return
+        tel.change_sum += change
+        for layer, n in enumerate(layer_tokens):
+            if n:
+                tel.measured += n
+                tel.layer_tokens[layer] = tel.layer_tokens.get(layer, 0) + n
 
     @property
     def wants_prompt_logprobs(self) -> bool:
@@ -117,7 +130,7 @@ class Sequence:
             logprobs=[lp] if lp is not None else [], num_prompt_tokens=self.prompt_len,
             num_generated_tokens=n_gen, finished=finished, finish_reason=self.finish_reason,
             stop_reason=self.stop_reason, metrics=m if finished else None, time=now,
-            prompt_logprobs=self._first(),
+            prompt_logprobs=self._first(), steering_telemetry=self.telemetry if finished else None,
         ))
 
     def finish(self, reason: str, error: Exception | None = None) -> None:
@@ -128,4 +141,5 @@ class Sequence:
             request_id=self.req.request_id, token_ids=[], text=self.detok.take(final=True), logprobs=[],
             num_prompt_tokens=self.prompt_len, num_generated_tokens=len(self.generated), finished=True,
             finish_reason=reason, error=error, metrics=self.metrics, time=now, prompt_logprobs=self._first(),
+            steering_telemetry=self.telemetry,
         ))

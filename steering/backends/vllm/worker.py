@@ -29,3 +29,7 @@ class SteerWorkerExtension:
 
     def steerserve_stats(self) -> dict[str, Any]:
         return self._steerserve_state().snapshot()
+
+    def steerserve_telemetry(self) -> dict[str, Any]:
+        """Finished requests' steering telemetry and the steered tokens per layer since the last call."""
+        return self._steerserve_state().pull_telemetry()

@@ -17,9 +17,10 @@ from steering.backends.vllm.state import SteerState, set_state
 H, L = 16, 3
 
 
-def _state(dense: bool) -> SteerState:
+def _state(dense: bool, telemetry_every: int = 8) -> SteerState:
     return SteerState(max_num_tokens=64, max_num_seqs=4, hidden_size=H, num_layers=L, max_model_len=64,
-                      device=torch.device("cpu"), max_applications=3, bank_rows=64, dense=dense)
+                      device=torch.device("cpu"), max_applications=3, bank_rows=64, dense=dense,
+                      telemetry_every=telemetry_every)
 
 
 def _vec(seed: int) -> dict[int, torch.Tensor]:
@@ -37,8 +38,8 @@ ROWS = [
 ]
 
 
-def _step(dense: bool):
-    st = _state(dense)
+def _step(dense: bool, telemetry_every: int = 8):
+    st = _state(dense, telemetry_every)
     set_state(st)
     requests, ids = {}, []
     for r, (apps, plen, _) in enumerate(ROWS):
@@ -138,13 +139,14 @@ def test_registration_reports_a_full_bank_instead_of_raising():
     assert st.register("c@1", {0: b"\x00" * 3})["status"] == "invalid"
 
 
-def _random_batch(seed: int, dense: bool, n_req: int, kind: str):
+def _random_batch(seed: int, dense: bool, n_req: int, kind: str, telemetry_every: int = 8):
     """A state with ``n_req`` requests of random steering (odd seeds steer every request); ``every-row``: each
     request steered by one normalising vector on every layer at all positions (decode's fast path);
     ``staggered``: the same on one layer each, so each layer acts on some of the step's tokens."""
     rng = np.random.default_rng(seed + 1000)
     st = SteerState(max_num_tokens=256, max_num_seqs=16, hidden_size=H, num_layers=L, max_model_len=64,
-                    device=torch.device("cpu"), max_applications=3, bank_rows=256, dense=dense)
+                    device=torch.device("cpu"), max_applications=3, bank_rows=256, dense=dense,
+                    telemetry_every=telemetry_every)
     requests = {}
     for r in range(n_req):
         if kind == "every-row":
@@ -173,11 +175,12 @@ def _random_batch(seed: int, dense: bool, n_req: int, kind: str):
 def test_sparse_and_dense_agree_bit_for_bit_over_prefill_and_decode_steps(dtype, kind):
     """The sparse op keeps a plan across decode steps (same batch, same acting applications) and works in place
     when every token is steered; the dense op recomputes everything from the buffers each time. Both must give
-    the same bits over a prefill step and the decode steps after it, as positions cross the prompt's end."""
+    the same bits over a prefill step and the decode steps after it, as positions cross the prompt's end, with
+    the telemetry measuring every step, some steps or never (it must not change a bit), and measure the same."""
     for seed in range(8):
         rng = np.random.default_rng(seed)
         n_req = int(rng.integers(2, 6))
-        sides = [_random_batch(seed, dense, n_req, kind) for dense in (False, True)]
+        sides = [_random_batch(seed, dense, n_req, kind, every) for every in (1, 0, 2) for dense in (False, True)]
         start = rng.integers(0, 10, size=n_req)
         plans = []
         for step in range(6):
@@ -200,8 +203,100 @@ def test_sparse_and_dense_agree_bit_for_bit_over_prefill_and_decode_steps(dtype,
                     set_state(None)
                 outs.append(out)
             for layer in range(L):
-                (h0, r0), (h1, r1) = outs[0][layer], outs[1][layer]
-                assert torch.equal(h0, h1) and torch.equal(r0, r1), (seed, step, layer)
+                h0, r0 = outs[0][layer]
+                for other in outs[1:]:
+                    h1, r1 = other[layer]
+                    assert torch.equal(h0, h1) and torch.equal(r0, r1), (seed, step, layer)
             plans.append(sides[0][0].plan_cache)
         if kind == "every-row":  # decode steps reuse the plan built at the first decode step
             assert all(p is not None and p[2] is plans[1][2] for p in plans[2:])
+        pulled = []
+        for st, runner in sides:
+            for rid in runner.input_batch.req_ids:
+                st.release(rid)
+            pulled.append(st.pull_telemetry())
+        for a, b in zip(pulled[::2], pulled[1::2]):  # sparse and dense measure alike
+            assert a["layer_tokens"] == b["layer_tokens"] == pulled[0]["layer_tokens"]
+            assert [x[0] for x in a["requests"]] == [x[0] for x in b["requests"]]
+            for (_, s0, n0), (_, s1, n1) in zip(a["requests"], b["requests"]):
+                assert n0 == n1 and s0 == pytest.approx(s1, rel=1e-5, abs=1e-6)
+        assert pulled[2]["requests"] == pulled[3]["requests"] == []  # telemetry off: nothing measured
+        every_step = {rid: n for rid, _, n in pulled[0]["requests"]}
+        for rid, _, n in pulled[4]["requests"]:  # every other step: fewer pairs (maybe none)
+            assert n <= every_step[rid]
+
+
+@pytest.mark.parametrize("dense", [False, True], ids=["sparse", "dense"])
+def test_the_telemetry_is_the_relative_change_of_the_hooks_arithmetic(dense):
+    """Each request's sum of r = ||h' - h|| / ||h|| over the (token, layer) pairs steered in a step and their
+    number, and the steered tokens per layer, against the HF hooks' h' computed here."""
+    st, positions = _step(dense, telemetry_every=1)
+    want_sum, want_n = np.zeros(len(ROWS)), np.zeros(len(ROWS), dtype=int)
+    want_layers = []
+    try:
+        for layer in range(L):
+            g = torch.Generator().manual_seed(20 + layer)
+            hidden, residual = torch.randn(20, H, generator=g), torch.randn(20, H, generator=g)
+            h = (hidden + residual).clone()
+            want = _reference(hidden, residual, layer)
+            steer_impl(hidden, residual, positions, layer)
+            steered = ~torch.isclose(want, h, rtol=0, atol=0).all(1)
+            r = (want - h).double().norm(dim=1) / h.double().norm(dim=1)
+            for row in range(len(ROWS)):
+                tokens = steered[row * 5:(row + 1) * 5]
+                want_sum[row] += float(r[row * 5:(row + 1) * 5][tokens].sum())
+                want_n[row] += int(tokens.sum())
+            want_layers.append(int(steered.sum()))
+    finally:
+        set_state(None)
+    for row in range(len(ROWS)):
+        st.release(f"r{row}")
+    got = st.pull_telemetry()
+    assert got["layer_tokens"] == want_layers
+    measured = {rid: (s, n) for rid, s, n in got["requests"]}
+    assert sorted(measured) == [f"r{row}" for row in range(len(ROWS)) if ROWS[row][0]]  # r1 is unsteered
+    for row in range(len(ROWS)):
+        if want_n[row]:
+            s, n = measured[f"r{row}"]
+            assert n == want_n[row] and s == pytest.approx(want_sum[row], rel=1e-5)
+    assert st.pull_telemetry() == {"requests": [], "layer_tokens": [0] * L}  # pulled once
+
+
+def test_r_is_measured_on_sampled_steps_and_when_the_batch_changes():
+    """Every third steered step, and the first step of a new batch: 3 of 6 decode steps of one batch."""
+    st, runner = _random_batch(1, False, 2, "every-row", telemetry_every=3)
+    set_state(st)
+    try:
+        for step in range(6):
+            st.fill(runner, np.ones(2, dtype=np.int64))
+            positions = torch.tensor([8 + step, 8 + step])
+            for layer in range(L):
+                hidden, residual = torch.randn(2, H), torch.randn(2, H)
+                steer_impl(hidden, residual, positions, layer)
+    finally:
+        set_state(None)
+    assert st.stats["measured_steps"] == 3
+    for rid in runner.input_batch.req_ids:
+        st.release(rid)
+    got = st.pull_telemetry()
+    assert [n for _, _, n in got["requests"]] == [3 * L, 3 * L]  # 3 measured steps x 1 token x every layer
+    assert got["layer_tokens"] == [12] * L  # counted on every step
+
+
+def test_a_preempted_requests_sums_wait_for_it_and_are_reported_once():
+    st, runner = _random_batch(1, False, 2, "every-row", telemetry_every=1)
+    set_state(st)
+    try:
+        st.fill(runner, np.ones(2, dtype=np.int64))
+        for layer in range(L):
+            steer_impl(torch.randn(2, H), torch.randn(2, H), torch.tensor([8, 8]), layer)
+        st.release("r0", final=False)  # its slot reclaimed while it is preempted
+        st.fill(runner, np.ones(2, dtype=np.int64))  # it returns
+        for layer in range(L):
+            steer_impl(torch.randn(2, H), torch.randn(2, H), torch.tensor([9, 9]), layer)
+    finally:
+        set_state(None)
+    st.release("r0")
+    st.release("r1")
+    got = {rid: n for rid, _, n in st.pull_telemetry()["requests"]}
+    assert got == {"r0": 2 * L, "r1": 2 * L}

