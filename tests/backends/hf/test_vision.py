@@ -111,6 +111,21 @@ def test_image_positions_steer_only_the_image_tokens(vlm, images):
     assert changed == list(placed[0].positions)
 
 
+def test_telemetry_of_image_steering_counts_the_image_tokens_alone(vlm, images):
+    """Steering telemetry through an image prompt's prefill (input embeddings, multimodal rotary positions) and
+    decode: ``image`` positions steer exactly the image tokens at the vector's layer, and nothing after them."""
+    lm = vlm("qwen2_vl")
+    ids, placed = chat(lm, [images(2)], "Describe the picture please.")
+    vec = SteeringVector({1: torch.randn(lm.hidden_size, generator=torch.Generator().manual_seed(3))})
+    spec = SteeringSpec([SteeringApplication(vec, 4.0, positions="image", normalize=True)])
+    with HFEngine(lm, EngineConfig(max_batch_size=2)).start() as eng:
+        res = eng.submit(GenerationRequest(ids, greedy(4), spec, images=placed)).result()
+    tel = res.steering_telemetry
+    assert tel is not None
+    assert tel.layer_tokens == {1: len(placed[0].positions)}
+    assert tel.relative_change > 0
+
+
 def test_a_text_model_refuses_images_and_a_vlm_refuses_placeholders_written_in_text(tiny_lm, vlm, images):
     with pytest.raises(InvalidRequestError, match="does not take images"):
         chat(tiny_lm, [images(0)])
