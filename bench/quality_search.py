@@ -17,6 +17,7 @@ summary table. ``bench/plot_quality.py`` draws accuracy and perplexity ratio aga
 
 usage: python bench/quality_search.py [--methods grains,caa,pca,probe] [--budget 1.2] [--out /tmp/exp/quality.json]
                                       [--layers 2,4,6] [--ranges "2,3,4,5"] [--scales 0.25,0.5]
+                                      [--positions all,generated]
                                       [--grains-params precision=bfloat16,n_steps=8] [--grains-variant k=20,mode=pos]
                                       [--model PATH.gguf]
 """
@@ -97,10 +98,12 @@ def main() -> None:
     ap.add_argument("--layers", default=",".join(map(str, LAYERS)))
     ap.add_argument("--ranges", default=";".join(",".join(map(str, r)) for r in RANGES), help="';'-separated")
     ap.add_argument("--scales", default=",".join(map(str, SCALES)))
+    ap.add_argument("--positions", default="all,generated", help="swept positions, comma-separated")
     args = ap.parse_args()
     layers = [int(x) for x in args.layers.split(",") if x.strip()]
     ranges = [[int(x) for x in r.split(",")] for r in args.ranges.split(";") if r.strip()]
     scales = [float(x) for x in args.scales.split(",") if x.strip()]
+    positions = [x.strip() for x in args.positions.split(",") if x.strip()]
     torch.set_num_threads(args.threads)
 
     from steering.backends.hf.loading import load_model
@@ -120,7 +123,7 @@ def main() -> None:
     items = read_truthfulqa(DATA)[300:400]
     measure_prompts = [e.prompt for e in encode(lm, load_examples(DATA, "300-399"), BuilderParams())]
     measure_prompts = measure_prompts[: args.measure_fluency]
-    cfg = SweepConfig(scales=scales, layers=layers, layer_ranges=ranges, positions=["all", "generated"],
+    cfg = SweepConfig(scales=scales, layers=layers, layer_ranges=ranges, positions=positions,
                       normalize=True, fluency=FluencyConfig(args.fluency_prompts, args.fluency_tokens, args.budget))
     base = parse_variant(args.grains_params) if args.grains_params else {}
     runs = [(m, m, base if m == "grains" else {}) for m in args.methods.split(",") if m]
@@ -128,7 +131,7 @@ def main() -> None:
              for v in args.grains_variant]
     results: dict = {"model": lm.name, "budget": args.budget,
                      "sweep": {"layers": layers, "layer_ranges": ranges, "scales": scales,
-                               "positions": ["all", "generated"], "normalize": True,
+                               "positions": positions, "normalize": True,
                                "fluency_prompts": args.fluency_prompts, "fluency_tokens": args.fluency_tokens},
                      "methods": {}}
     conditions = []
