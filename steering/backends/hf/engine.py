@@ -300,9 +300,8 @@ class HFEngine(GenerationBackend, AnalysisBackend):
         seqs = self.scheduler.running
         ids = torch.tensor([[s.tokens[-1]] for s in seqs], device=dev)
         pos = torch.tensor([[s.length - 1] for s in seqs], device=dev)
-        rope = None
-        if any(s.rope_delta for s in seqs):  # multimodal rotary positions: every later token is offset
-            rope = (pos + torch.tensor([[s.rope_delta] for s in seqs], device=dev)).unsqueeze(0).expand(3, -1, -1)
+        images = self.runner.images
+        rope = images.later_rope(pos, [s.rope_delta for s in seqs]) if images is not None else None
         try:
             tel = self._telemetry(seqs)
             out = self.runner.forward(

@@ -104,6 +104,15 @@ class ImageEncoder:
                 rope[:, r, : len(ids)] = p
         return rope, deltas
 
+    @staticmethod
+    def later_rope(positions: torch.Tensor, deltas: Sequence[int]) -> torch.Tensor | None:
+        """Rotary positions [3, n, L] of tokens after their rows' prompts (decode): token position + the row's
+        offset from :meth:`rope` on every axis; None when no row has an offset."""
+        if not any(deltas):
+            return None
+        offsets = torch.tensor(list(deltas), device=positions.device).view(-1, *([1] * (positions.dim() - 1)))
+        return (positions + offsets).unsqueeze(0).expand(3, *positions.shape)
+
     def keep(self, keep: torch.Tensor, rows: Sequence[RowImages]) -> torch.Tensor:
         """``keep`` [n, Q, K] with every image's tokens seeing each other (for models that attend so inside an
         image); unchanged otherwise. Query and key indices are the rows' token indices."""
