@@ -4,10 +4,10 @@ one, measured in one run.
 Builds GrAInS vectors (every layer, k 10, the builder's default candidates and aggregation) from the TruthfulQA
 triples of ``../shared/data/truthfulqa_dev.csv`` rows 0-199 (the vector-building split; prompt
 'Q: {question}\\nA:', preferred = best answer, dispreferred = first incorrect answer), twice:
-  old: integrated gradients in float32 with 20 Gauss-Legendre points (the build as it was before this change);
+  old: integrated gradients in float32 with 20 Gauss-Legendre points (today's default);
   new: ``precision`` auto (bfloat16 matrix products with float32 accumulation on CPUs that have AVX512-BF16 or
-       AMX), 20 points, and the same with ``--fast-steps`` points (both chunk rows longest first, as every build
-       now does)
+       AMX; attention, the points nearest the zero baseline and the LM head's gradient in float32), 20 points,
+       and the same with ``--fast-steps`` points
 and prints:
   (1) the wall time of each build, the speed-up and peak memory (process RSS, sampled every 20 ms);
   (2) agreement: the cosine of the two vectors at every layer (min, median; tolerance >= 0.99 at every layer)
@@ -22,16 +22,24 @@ rows (why the point count matters: F is far from smooth there). Optional: ``--re
 the reference code's selection (every token a candidate, template included, PCA), where the ranking of the scores
 decides more.
 
+``--before REV`` also builds today's vector with the code of git revision REV (float32, 20 points; in a
+subprocess, from a temporary worktree, after the builds above) and compares the new and old builds with it: the
+old build here differs from REV's only where this checkout changed the float32 arithmetic (the closed-form
+gradient at the LM head), so this is the agreement with the build as it was.
+
 The score cache is memory-only here and cleared before each timed build. Run on an otherwise idle machine.
 
 usage: python bench/grains_bench.py [--rows 0-199] [--k 10] [--fast-steps 8] [--completeness-rows 8] [--reference]
+                                    [--before REV]
 """
 
 from __future__ import annotations
 
 import argparse
 import statistics
+import subprocess
 import sys
+import tempfile
 import threading
 import time
 from pathlib import Path
@@ -134,6 +142,46 @@ def path_profile(lm, rows, alphas: list[float]) -> None:
             print(f"{base:5} row {k}: " + " ".join(f"{f:7.2f}" for f in run_job(work, lm)))
 
 
+BEFORE = r"""
+import sys, time, torch
+root, data, rows, k, threads, out = sys.argv[1:]
+sys.path.insert(0, root)
+torch.set_num_threads(int(threads))
+from pathlib import Path
+from steering.backends.hf.loading import load_model
+from steering.datasets import load_examples
+from steering.tasks.attribution import cache
+from steering.tasks.builders import BuildRequest, build
+lm = load_model(None, device="cpu", dtype="float32")
+examples = load_examples(Path(data), rows)
+cache.SCORES = cache.ScoreCache()
+build(lm, BuildRequest(examples[:6], "grains", {"n_steps": 2}))
+cache.SCORES.clear()
+t0 = time.perf_counter()
+vector = build(lm, BuildRequest(examples, "grains", {"k": int(k), "precision": "model", "n_steps": 20})).vector
+vector.metadata["wall_s"] = time.perf_counter() - t0
+vector.save(out)
+"""
+
+
+def build_before(rev: str, rows: str, k: int, threads: int):
+    """Today's build (float32, 20 points) by the code of git revision ``rev``, in a subprocess from a temporary
+    worktree; returns (wall seconds, vector)."""
+    from steering.vectors import SteeringVector
+
+    with tempfile.TemporaryDirectory(prefix="grains-before-") as tmp:
+        tree = Path(tmp) / "tree"
+        subprocess.run(["git", "-C", str(ROOT), "worktree", "add", "--detach", "--quiet", str(tree), rev], check=True)
+        try:
+            out = Path(tmp) / "before.safetensors"
+            subprocess.run([sys.executable, "-c", BEFORE, str(tree), str(DATA), rows, str(k), str(threads), str(out)],
+                           check=True, cwd=tmp)
+            vector = SteeringVector.load(out)
+        finally:
+            subprocess.run(["git", "-C", str(ROOT), "worktree", "remove", "--force", str(tree)], check=True)
+    return float(vector.metadata["wall_s"]), vector
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--rows", default="0-199")
@@ -144,6 +192,7 @@ def main() -> None:
     ap.add_argument("--fast-steps", type=int, default=8, help="also build with this many points (0: skip)")
     ap.add_argument("--reference", action="store_true", help="also compare under the reference code's selection")
     ap.add_argument("--path-profile", action="store_true", help="only print F along the IG path for 4 rows")
+    ap.add_argument("--before", metavar="REV", help="also build with the code of this git revision and compare")
     args = ap.parse_args()
     torch.set_num_threads(args.threads)
 
@@ -196,6 +245,17 @@ def main() -> None:
     print(f"(2) cosine old vs new per layer: min {min(cos):.4f} (layer {cos.index(min(cos))}), median "
           f"{statistics.median(cos):.4f}; {'within' if min(cos) >= 0.99 else 'OUTSIDE'} the 0.99 tolerance; "
           f"identical selections {same}/{total} (first {total // 2} examples, both polarities)", flush=True)
+    if args.before:
+        t_before, v_before = build_before(args.before, args.rows, args.k, args.threads)
+        print(f"    today's build by {args.before} (float32, 20 points, its own process): {t_before:.1f} s wall; "
+              f"speed-up {args.before} / new = {t_before / t_new:.2f}x, {args.before} / old = "
+              f"{t_before / t_old:.2f}x")
+        for label, v in (("new", v_new), ("old", v_old)):
+            cos = cosines(v_before, v)
+            same, total = same_selections(v_before, v)
+            print(f"    cosine {args.before} vs {label} per layer: min {min(cos):.4f} (layer {cos.index(min(cos))}), "
+                  f"median {statistics.median(cos):.4f}; {'within' if min(cos) >= 0.99 else 'OUTSIDE'} the 0.99 "
+                  f"tolerance; identical selections {same}/{total}", flush=True)
     if args.fast_steps:
         t_fast, _, v_fast = timed({"k": args.k, **NEW, "n_steps": args.fast_steps})
         cos = cosines(v_old, v_fast)

@@ -13,6 +13,15 @@ from tests.tiny import build_model
 torch.set_num_threads(max(1, min(2, os.cpu_count() or 1)))
 
 
+@pytest.fixture(autouse=True)
+def fresh_score_cache(monkeypatch):
+    """Every test starts with an empty process attribution-score cache: scores an earlier test left there would
+    let a build skip the very work (and progress) a test is about."""
+    from steering.tasks.attribution import cache
+
+    monkeypatch.setattr(cache, "SCORES", cache.ScoreCache())
+
+
 @pytest.fixture(scope="session")
 def tiny_dir(tmp_path_factory) -> Path:
     return build_model(tmp_path_factory.mktemp("tiny-llama"), "llama")

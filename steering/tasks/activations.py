@@ -2,8 +2,8 @@
 requested layer in one forward pass.
 
 The backend's runner hands each layer's output to a capture function; nothing is registered per call. Rows are
-packed (:mod:`steering.tasks.packing`) and chunked to the job's token budget. A *group* is a list of token indices
-in its row; its activation is the mean over those tokens (one index: that token's state).
+packed (:mod:`steering.tasks.packing`) and chunked to the job's token budget, longest first. A *group* is a list
+of token indices in its row; its activation is the mean over those tokens (one index: that token's state).
 """
 
 from __future__ import annotations
@@ -32,27 +32,31 @@ def collect(ctx: JobContext, rows: Sequence[Sequence[Segment]], groups: Sequence
         offsets.append(offsets[-1] + len(row_groups))
     out = {layer: torch.zeros(offsets[-1], lm.hidden_size) for layer in layers}
     lengths = [sum(len(s.ids) for s in r) for r in rows]
+    order = sorted(range(len(rows)), key=lambda i: (-lengths[i], i))  # similar lengths share a chunk: little padding
     done = 0
-    for idx in chunks(lengths, ctx.chunk_tokens):
+    for part in chunks([lengths[i] for i in order], ctx.chunk_tokens):
+        idx = [order[j] for j in part]
         batch = pack([rows[i] for i in idx], lm.pad_id, lm.device)
         L = batch.ids.shape[1]
         flat: list[int] = []  # token index in the batch
         local: list[int] = []  # its group's index within this chunk
+        gids: list[int] = []  # each of this chunk's groups' index in the output
         for r, i in enumerate(idx):
             for g, tokens in enumerate(groups[i]):
                 flat.extend(r * L + t for t in tokens)
-                local.extend([offsets[i] - offsets[idx[0]] + g] * len(tokens))
+                local.extend([len(gids)] * len(tokens))
+                gids.append(offsets[i] + g)
         flat_t = torch.tensor(flat, device=lm.device, dtype=torch.long)
         local_t = torch.tensor(local, dtype=torch.long)
-        first, n_groups = offsets[idx[0]], offsets[idx[-1] + 1] - offsets[idx[0]]
-        counts = torch.zeros(n_groups).index_add_(0, local_t, torch.ones(len(local))).clamp_min_(1).unsqueeze(-1)
+        gid_t = torch.tensor(gids, dtype=torch.long)
+        counts = torch.zeros(len(gids)).index_add_(0, local_t, torch.ones(len(local))).clamp_min_(1).unsqueeze(-1)
 
         def capture(layer: int, h: torch.Tensor, flat_t: torch.Tensor = flat_t, local_t: torch.Tensor = local_t,
-                    first: int = first, n_groups: int = n_groups, counts: torch.Tensor = counts) -> None:
+                    gid_t: torch.Tensor = gid_t, counts: torch.Tensor = counts) -> None:
             if layer in wanted:
                 sel = h.flatten(0, 1)[flat_t].to("cpu", torch.float32)
-                acc = torch.zeros(n_groups, h.shape[-1]).index_add_(0, local_t, sel)
-                out[layer][first:first + n_groups] = acc / counts
+                acc = torch.zeros(len(gid_t), h.shape[-1]).index_add_(0, local_t, sel)
+                out[layer].index_copy_(0, gid_t, acc / counts)
 
         embeds = None
         if replace is not None and any(replace[0][i] for i in idx):

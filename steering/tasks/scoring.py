@@ -80,6 +80,18 @@ def group_logprobs(lm, hidden: torch.Tensor, tgt) -> torch.Tensor:
     return torch.zeros(len(groups), device=lp.device, dtype=acc).index_add(0, grp, lp)
 
 
+def group_logprob_grad(lm, hidden: torch.Tensor, tgt, weights: torch.Tensor,
+                       low_precision: torch.dtype | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """For gradient work: the predicting hidden states [M, d] (still in ``hidden``'s graph) and the gradient of
+    ``(group_logprobs(lm, hidden, tgt) * weights).sum()`` with respect to them, in closed form
+    (:meth:`LoadedModel.logprob_grad`, whose products may run in ``low_precision``);
+    ``torch.autograd.grad(states, x, grad_outputs=gradient)`` then gives the objective's gradient at any input
+    ``x`` of the forward."""
+    pred, tok, grp, _ = tgt
+    states = hidden.flatten(0, 1)[pred]
+    return states, lm.logprob_grad(states, tok, weights[grp], low_precision)
+
+
 def chunks(lengths: Sequence[int], budget: int) -> list[list[int]]:
     """Greedy consecutive chunks of indices whose rows (padded to the chunk's longest) fit ``budget`` tokens;
     a single row over the budget gets a chunk of its own."""

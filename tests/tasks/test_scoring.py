@@ -30,3 +30,32 @@ def test_packed_scores_equal_plain_forwards(arch_lm):
             ref = [float(plain_logprob(arch_lm, p, a)) for a in ans]
             assert scored.logprobs == pytest.approx(ref, rel=1e-4, abs=1e-4)
             assert scored.lengths == [len(a) for a in ans]
+
+
+@pytest.mark.parametrize("softcap", [None, 3.0])
+def test_closed_form_logprob_gradient_equals_autograd(lm64, softcap):
+    """group_logprob_grad's closed-form gradient at the final hidden states equals autograd's through the LM head
+    and log-softmax (float64; with and without a logit soft-cap, whose derivative the closed form applies)."""
+    import copy
+
+    from steering.tasks.packing import answer_rows, pack, targets
+    from steering.tasks.scoring import group_logprob_grad, group_logprobs
+
+    lm = copy.copy(lm64)
+    lm._softcap = softcap
+    tok = lm.tokenizer
+    rows = [answer_rows(tok("The quick brown fox")["input_ids"], [tok(" jumps over", add_special_tokens=False)
+                                                                  ["input_ids"], tok(" sat", add_special_tokens=False)
+                                                                  ["input_ids"]]),
+            answer_rows(tok("Hello")["input_ids"], [tok(" world", add_special_tokens=False)["input_ids"]])]
+    batch = pack(rows, lm.pad_id, lm.device)
+    tgt = targets(batch, rows)
+    g = torch.Generator().manual_seed(0)
+    hidden = torch.randn(*batch.ids.shape, lm.hidden_size, generator=g, dtype=torch.float64, requires_grad=True)
+    weights = torch.tensor([1.0, -1.0, 0.5], dtype=torch.float64)
+    (ref,) = torch.autograd.grad((group_logprobs(lm, hidden, tgt) * weights).sum(), hidden)
+    states, at_states = group_logprob_grad(lm, hidden, tgt, weights)
+    assert states.shape == at_states.shape == (len(tgt[0]), lm.hidden_size) and at_states.dtype == torch.float64
+    (got,) = torch.autograd.grad(states, hidden, grad_outputs=at_states)
+    torch.testing.assert_close(got, ref, rtol=1e-10, atol=1e-12)
+    assert float(ref.abs().max()) > 0.01

@@ -233,6 +233,33 @@ class LoadedModel:
         cap = self._softcap
         return torch.tanh(logits / cap) * cap if cap else logits
 
+    def logprob_grad(self, hidden: torch.Tensor, tokens: torch.Tensor, coeff: torch.Tensor,
+                     low_precision: torch.dtype | None = None) -> torch.Tensor:
+        """The gradient [M, d] of sum_m coeff[m] * log softmax(logits(hidden[m]))[tokens[m]] with respect to
+        ``hidden`` [M, d], in closed form: coeff[m] * (onehot(tokens[m]) - softmax) through the soft-cap's
+        derivative, times the head's weight. One [M, V] buffer and two matrix products, where autograd through
+        :meth:`logits` and ``logsumexp`` keeps and walks several (a fifth of a gradient pass on a 135M model).
+        The softmax and everything between the products are float32 at least (float64 for a float64 model);
+        ``low_precision`` (e.g. bfloat16) runs the two products in it, with float32 accumulation."""
+        head = self.model.get_output_embeddings()
+        acc = torch.float64 if hidden.dtype == torch.float64 else torch.float32
+        dev = hidden.device.type
+        low = torch.autocast(device_type=dev, dtype=low_precision) if low_precision is not None else \
+            torch.autocast(device_type=dev, enabled=False)
+        with torch.no_grad():
+            with low:
+                z = head(hidden.detach().to(head.weight.dtype))
+            z = z.to(acc)
+            cap = self._softcap
+            if cap:
+                z = torch.tanh(z.div_(cap)).mul_(cap)
+            g = torch.softmax(z, dim=-1).mul_(-coeff.to(acc).unsqueeze(-1))
+            g[torch.arange(len(tokens), device=g.device), tokens] += coeff.to(acc)
+            if cap:  # d cap*tanh(u/cap) / du = 1 - (logits / cap)^2
+                g.mul_(1.0 - (z / cap).square_())
+            with low:
+                return (g.to(head.weight.dtype) @ head.weight).to(hidden.dtype)
+
     @property
     def pad_id(self) -> int:
         """The id that pads batch rows: the pad token, else EOS, else 0 (padding is never attended)."""

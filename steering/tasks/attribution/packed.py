@@ -17,11 +17,13 @@ from collections.abc import Sequence
 from typing import Literal
 
 import torch
+import torch.nn.functional as F
+from torch.overrides import TorchFunctionMode
 
 from steering.engine.jobs import JobContext, Progress
 from steering.tasks.attribution.gradients import IntegrationMethod, integration_points
 from steering.tasks.packing import Segment, pack, targets
-from steering.tasks.scoring import group_logprobs, packed_embeddings, packed_forward
+from steering.tasks.scoring import group_logprob_grad, packed_embeddings, packed_forward
 
 Baseline = Literal["zeros", "pad", "eos"]
 Precision = Literal["auto", "model", "bfloat16"]
@@ -50,12 +52,44 @@ def resolve_precision(lm, precision: Precision) -> Literal["model", "bfloat16"]:
     return precision
 
 
+class _AttentionInModelPrecision(TorchFunctionMode):
+    """Runs ``scaled_dot_product_attention`` with autocast off, on its inputs in float32 (at least).
+
+    CPU autocast puts attention in bfloat16, and PyTorch's bfloat16 flash-attention backward on CPU is 7x slower
+    than its float32 one (38 ms against 5.5 ms per layer on a 2048-token chunk of the default model): it took a
+    third of a bfloat16 integrated-gradients step and all of the matrix products' gain. Attention is a small
+    share of the arithmetic, so float32 here costs nothing and keeps the softmax exact. A torch-function mode is
+    thread-local and lives only inside :func:`compute_context`, so no other forward (generation, other jobs)
+    sees it."""
+
+    def __torch_function__(self, func, types, args=(), kwargs=None):
+        kwargs = kwargs or {}
+        if func is not F.scaled_dot_product_attention:
+            return func(*args, **kwargs)
+
+        def up(a):
+            return a.float() if isinstance(a, torch.Tensor) and a.is_floating_point() and a.element_size() < 4 else a
+
+        with torch.autocast(device_type=_device_type(args, kwargs), enabled=False):
+            return func(*(up(a) for a in args), **{k: up(v) for k, v in kwargs.items()})
+
+
+def _device_type(args, kwargs) -> str:
+    first = args[0] if args else kwargs["query"]
+    return first.device.type
+
+
 def compute_context(lm, precision: Literal["model", "bfloat16"]):
     """``bfloat16``: the model's matrix products in bfloat16 under autocast, with float32 accumulation (weights stay
-    as loaded; norms, softmax and the gradients' sums stay in float32). ``model``: nothing changes."""
+    as loaded; norms, softmax and the gradients' sums stay in float32, and on a CPU attention too: see
+    :class:`_AttentionInModelPrecision`). ``model``: nothing changes."""
     if precision == "model":
         return contextlib.nullcontext()
-    return torch.autocast(device_type=lm.device.type, dtype=torch.bfloat16)
+    stack = contextlib.ExitStack()
+    stack.enter_context(torch.autocast(device_type=lm.device.type, dtype=torch.bfloat16))
+    if lm.device.type == "cpu":  # GPUs' bfloat16 attention kernels are their fast ones
+        stack.enter_context(_AttentionInModelPrecision())
+    return stack
 
 
 def _units(lengths: Sequence[int], points: Sequence[int], budget: int) -> list[list[tuple[int, list[int]]]]:
@@ -81,6 +115,11 @@ def _units(lengths: Sequence[int], points: Sequence[int], budget: int) -> list[l
         out.append(cur)
     return out
 
+
+ARITHMETIC = 2
+"""Part of every cached score's key: raised whenever the arithmetic changes, so that scores a directory cache
+kept from older code are not served (2: attention in float32 on CPUs under bfloat16, the LM head's gradient in
+closed form)."""
 
 EXACT_BELOW = 0.05
 """With ``precision`` bfloat16, path points closer to the zero baseline than this run in the model's own dtype.
@@ -110,8 +149,10 @@ def integrated_gradients(ctx: JobContext, rows: Sequence[Sequence[Segment]], wei
 
     ``weights[r][j]`` weighs the summed log-probability of segment ``j`` of row ``r`` in the objective (roots
     are not scored; their weight is ignored). ``precision``: see :func:`resolve_precision`; with bfloat16 the path
-    points below ``exact_below`` still run in the model's dtype (:func:`point_groups`); the answers'
-    log-probabilities are taken in the model's dtype from the final hidden states either way."""
+    points below ``exact_below`` still run in the model's dtype (:func:`point_groups`). The objective's gradient
+    at the final hidden states is taken in closed form (:func:`~steering.tasks.scoring.group_logprob_grad`; its
+    two products with the LM head in the point's precision, the softmax in float32 at least) and carried back
+    through the decoder by autograd."""
     lm = ctx.lm
     mode = resolve_precision(lm, precision)
     emb = lm.model.get_input_embeddings()
@@ -144,12 +185,12 @@ def integrated_gradients(ctx: JobContext, rows: Sequence[Sequence[Segment]], wei
                 e = (base + a_t * (x - base)).requires_grad_(True)
                 with compute_context(lm, how):
                     hidden = packed_forward(ctx, batch, embeds=e)
-                with torch.autocast(device_type=lm.device.type, enabled=False):
-                    total = (group_logprobs(lm, hidden.to(lm.dtype), tgt) * gw).sum()
-                (g,) = torch.autograd.grad(total, e)
+                states, at_states = group_logprob_grad(lm, hidden, tgt, gw,
+                                                       torch.bfloat16 if how == "bfloat16" else None)
+                (g,) = torch.autograd.grad(states, e, grad_outputs=at_states)
             for r, i in enumerate(owner):
                 grads[i] += g[r, : lengths[i]].to(acc_dtype)
-            del e, hidden, total, g
+            del e, hidden, states, at_states, g
             done += sum(len(points) for _, points in chunk)
             yield Progress(done, n_steps * len(rows), stage)
     out = []
@@ -173,7 +214,8 @@ def cached_integrated_gradients(ctx: JobContext, rows: Sequence[Sequence[Segment
     store = score_cache.SCORES if cache is None else cache
     fp = score_cache.model_fingerprint(ctx.lm)
     settings: dict[str, object] = {"n_steps": n_steps, "method": method, "baseline": baseline,
-                "precision": resolve_precision(ctx.lm, precision), "dtype": str(ctx.lm.dtype)}
+                                   "precision": resolve_precision(ctx.lm, precision), "dtype": str(ctx.lm.dtype),
+                                   "arithmetic": ARITHMETIC}
     if settings["precision"] == "bfloat16" and baseline == "zeros":
         settings["exact_below"] = EXACT_BELOW
     keys = [score_cache.row_key(fp, r, w, settings) for r, w in zip(rows, weights, strict=True)]

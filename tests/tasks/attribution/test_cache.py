@@ -8,6 +8,7 @@ import torch
 from steering.datasets import PreferenceExample
 from steering.tasks.attribution import cache as score_cache
 from steering.tasks.attribution import packed
+from steering.tasks.attribution.packed import resolve_precision
 from steering.tasks.builders import BuildRequest, build, grains
 from tests.tiny import EXAMPLES
 
@@ -42,9 +43,10 @@ def test_builds_reuse_cached_attributions(tiny_lm, monkeypatch, tmp_path):
         torch.testing.assert_close(again.vector.values[layer], fresh.vector.values[layer])
     # other attribution settings are other entries
     build(tiny_lm, BuildRequest(EXAMPLES, "grains", {**p, "k": 3, "n_steps": 5}))
-    build(tiny_lm, BuildRequest(EXAMPLES, "grains", {**p, "k": 3, "precision": "bfloat16"}))
+    other_precision = "model" if resolve_precision(tiny_lm, "auto") == "bfloat16" else "bfloat16"
+    build(tiny_lm, BuildRequest(EXAMPLES, "grains", {**p, "k": 3, "precision": other_precision}))
     assert calls[-2:] == [len(EXAMPLES), len(EXAMPLES)]
-    assert grains.GrainsParams().precision == "model"
+    assert grains.GrainsParams().precision == "auto"
 
 
 def test_a_damaged_or_foreign_cache_file_is_a_miss(tmp_path):

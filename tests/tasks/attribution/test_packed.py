@@ -97,3 +97,27 @@ def test_bfloat16_runs_the_points_near_the_zero_baseline_in_the_models_dtype(tin
     all_bf16 = ig(precision="bfloat16", exact_below=0.0)
     assert not torch.equal(default, fp32) and not torch.equal(default, all_bf16)
     assert float((default - fp32).abs().sum()) < 0.5 * float((all_bf16 - fp32).abs().sum())
+
+
+def test_bfloat16_context_keeps_attention_in_float32_and_ends_with_its_block(tiny_lm):
+    """Under ``compute_context(..., "bfloat16")`` matrix products run in bfloat16 but attention in float32 (CPU's
+    bfloat16 flash-attention backward is several times slower than float32's), and neither outlives the block."""
+    import torch.nn.functional as F
+
+    from steering.tasks.attribution.packed import compute_context
+
+    q, k, v = (torch.randn(2, 4, 6, 8) for _ in range(3))
+    mask = torch.zeros(2, 1, 6, 6)
+    with torch.autocast("cpu", dtype=torch.bfloat16):  # plain autocast: attention in bfloat16
+        assert F.scaled_dot_product_attention(q, k, v, attn_mask=mask).dtype == torch.bfloat16
+    with compute_context(tiny_lm, "bfloat16"):
+        assert (torch.ones(3, 3) @ torch.ones(3, 3)).dtype == torch.bfloat16
+        out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask)
+        assert out.dtype == torch.float32
+        torch.testing.assert_close(out, F.scaled_dot_product_attention(q, k, v, attn_mask=mask), rtol=0, atol=0)
+        low = F.scaled_dot_product_attention(q.bfloat16(), k.bfloat16(), v.bfloat16(), attn_mask=mask)
+        assert low.dtype == torch.float32  # bfloat16 inputs are raised, not lowered further
+    with torch.autocast("cpu", enabled=False):
+        torch.testing.assert_close(out, F.scaled_dot_product_attention(q, k, v, attn_mask=mask))
+    assert not torch.is_autocast_enabled("cpu") and torch._C._len_torch_function_stack() == 0
+    assert (torch.ones(3, 3) @ torch.ones(3, 3)).dtype == torch.float32
