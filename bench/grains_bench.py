@@ -17,7 +17,8 @@ and prints:
       F = log P(y+|x) - log P(y-|x) (it does not converge on this model: see docs/experiments.md);
   and, right after the new build, a build that differs only after attribution (k 20, mode pos, aggregate
   pca) served from the cached scores, its wall time against the new build's.
-``--path-profile`` prints only F along the straight path from the zero and the EOS-embedding baselines for four
+``--per-point`` prints only the cost of one path point per token in float32 and in bfloat16. ``--path-profile``
+prints only F along the straight path from the zero and the EOS-embedding baselines for four
 rows (why the point count matters: F is far from smooth there). Optional: ``--reference`` also compares under
 the reference code's selection (every token a candidate, template included, PCA), where the ranking of the scores
 decides more.
@@ -142,6 +143,25 @@ def path_profile(lm, rows, alphas: list[float]) -> None:
             print(f"{base:5} row {k}: " + " ".join(f"{f:7.2f}" for f in run_job(work, lm)))
 
 
+def per_point(lm, rows) -> None:
+    """Seconds per packed token of one integrated-gradients path point, float32 against bfloat16 at every point."""
+    from steering.backends.hf import run_job
+    from steering.tasks.attribution.packed import integrated_gradients
+
+    w = [[0.0, 1.0, -1.0]] * len(rows)
+    tokens = 4 * sum(sum(len(s.ids) for s in r) for r in rows)
+    times: dict[str, list[float]] = {"model": [], "bfloat16": []}
+    for _ in range(3):
+        for precision, seen in times.items():
+            t0 = time.perf_counter()
+            run_job(lambda ctx, p=precision: integrated_gradients(ctx, rows, w, 4, precision=p, exact_below=0.0), lm)
+            seen.append(time.perf_counter() - t0)
+    for precision, seen in times.items():
+        print(f"{'float32 ' if precision == 'model' else 'bfloat16'}: " + " ".join(f"{t:.2f}" for t in seen)
+              + f" s for {tokens} tokens; best {min(seen) / tokens * 1e3:.3f} ms per token")
+    print(f"bfloat16 / float32 (best of each): {min(times['bfloat16']) / min(times['model']):.3f}")
+
+
 BEFORE = r"""
 import sys, time, torch
 root, data, rows, k, threads, out = sys.argv[1:]
@@ -193,6 +213,9 @@ def main() -> None:
     ap.add_argument("--reference", action="store_true", help="also compare under the reference code's selection")
     ap.add_argument("--path-profile", action="store_true", help="only print F along the IG path for 4 rows")
     ap.add_argument("--before", metavar="REV", help="also build with the code of this git revision and compare")
+    ap.add_argument("--per-point", action="store_true",
+                    help="only time one path point per token in float32 and in bfloat16 (every 5th row, 4 points, "
+                         "three alternating repetitions)")
     args = ap.parse_args()
     torch.set_num_threads(args.threads)
 
@@ -212,6 +235,9 @@ def main() -> None:
     tokens = sum(sum(len(s.ids) for s in r) for r in rows)
     if args.path_profile:
         path_profile(lm, rows[:4], [0, 1e-4, 1e-3, 0.01, 0.03, 0.1, 0.2, 0.3, 0.5, 0.7, 0.9, 1.0])
+        return
+    if args.per_point:
+        per_point(lm, rows[::5])
         return
     print(f"model {lm.name}, {lm.num_layers} layers, torch threads {torch.get_num_threads()}; {len(examples)} "
           f"TruthfulQA triples (rows {args.rows}), {tokens} packed tokens, k {args.k}")
